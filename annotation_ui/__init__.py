@@ -1,0 +1,1 @@
+"""Label Studio side of the engine: labeling configs, the API client, the ML backend."""
