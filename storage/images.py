@@ -1,0 +1,115 @@
+"""Reading images safely, finding them under a folder or S3 prefix, and naming them.
+
+Image ids are content-based: :func:`image_id_for` is the first 24 hex digits (96 bits) of the
+SHA-256 of the file's bytes, so the same picture imported twice, from any path, is one image.
+
+Decoding uses Pillow, which reads the header before the pixels: the size limit is checked before
+anything large is allocated, and a truncated file raises instead of coming back half grey. EXIF
+orientation is applied, as browsers (and so Label Studio) and ``cv2.imread`` do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import warnings
+
+import numpy as np
+
+from storage.errors import ImageError
+from storage.location import StorageLocation
+
+__all__ = ["IMAGE_EXTENSIONS", "decode_image", "image_id_for", "list_images", "sha256_hex"]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_ID_HEX_DIGITS = 24
+# Pillow's errors for broken files are not one class; these are the ones its decoders raise.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError)
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_id_for(data: bytes) -> str:
+    """Deterministic image id from the file's bytes: first 24 hex digits of their SHA-256."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ImageError(
+            f"image_id_for takes the image's bytes, got {type(data).__name__}; "
+            "ids are content hashes so a re-import from another path finds the same image"
+        )
+    return sha256_hex(bytes(data))[:_ID_HEX_DIGITS]
+
+
+def decode_image(data: bytes, *, name: str, max_pixels: int = 64_000_000) -> np.ndarray:
+    """Decode image bytes to RGB ``uint8`` of shape ``(H, W, 3)``.
+
+    Gray, palette, RGBA (alpha dropped), CMYK and 16-bit images are converted (16-bit values are
+    scaled to 8 bits, not clipped). Raises :class:`ImageError` naming ``name`` for empty data, an
+    unknown format, a zero-size or truncated image, or one over ``max_pixels`` pixels.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageError(f"image {name!r} is empty (0 bytes)")
+    with warnings.catch_warnings():
+        # Our own limit is checked below; Pillow's bomb warning would turn into an error in
+        # strict settings for sizes we accept.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError(f"image {name!r} is not in a known image format") from None
+        except Image.DecompressionBombError:
+            raise ImageError(f"image {name!r} has more than {max_pixels} pixels") from None
+        except _DECODE_ERRORS as err:
+            raise ImageError(f"image {name!r} cannot be read: {err}") from None
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise ImageError(f"image {name!r} has zero size ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageError(
+                f"image {name!r} is {width}x{height} = {width * height} pixels; "
+                f"the limit is {max_pixels}"
+            )
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(image)
+        except _DECODE_ERRORS as err:
+            raise ImageError(f"image {name!r} is truncated or corrupt: {err}") from None
+    return rgb
+
+
+def list_images(source: str, *, endpoint_url: str | None = None) -> list[str]:
+    """URIs (absolute paths or ``s3://``) of the image files under a folder or S3 prefix, sorted.
+
+    Recursive; matches the extensions in :data:`IMAGE_EXTENSIONS`, case-insensitively, and
+    skips hidden files. A folder that does not exist raises :class:`ImageError`.
+    """
+    location = StorageLocation(source, endpoint_url=endpoint_url)
+    if not location.is_s3 and not os.path.isdir(location.root):
+        raise ImageError(f"image folder {source!r} does not exist or is not a folder")
+    keys = location.list("")
+    return [location.uri(k) for k in keys if k.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def _to_rgb(image: object) -> np.ndarray:
+    from PIL import Image
+
+    assert isinstance(image, Image.Image)
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit gray: keep the full range by scaling 0..65535 to 0..255.
+        wide = np.asarray(image, dtype=np.int64)
+        gray = np.clip((wide + 128) // 257, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode == "F":
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).round().astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
