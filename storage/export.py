@@ -36,6 +36,7 @@ from storage.images import decode_image, image_id_for, list_images, sha256_hex
 from storage.location import read_uri, write_uri_atomic
 from storage.mask_store import ImageRecord, MaskRecord, MaskStore
 from storage.rle import Rle, validate
+from storage.schema import stored_float
 
 __all__ = [
     "IMPORT_RUN_ID",
@@ -209,8 +210,8 @@ def _coco_annotation(number: int, image_number: int, row: dict[str, Any]) -> dic
         "stage": row["stage"],
         "round": row["round"],
         "source": row["source"],
-        "predicted_iou": row["predicted_iou"],
-        "stability_score": row["stability_score"],
+        "predicted_iou": stored_float(row["predicted_iou"]),
+        "stability_score": stored_float(row["stability_score"]),
         "point_coords": row["point_coords"],
         "crop_box": row["crop_box"],
         "model_version": row["model_version"],

@@ -80,7 +80,12 @@ class StorageLocation:
                 raise UnsafeKeyError(f"storage root {root!r}; expected a folder path or s3:// URI")
             self.bucket, self.prefix = "", ""
             self.is_s3 = False
-            self._base = os.path.abspath(os.path.expanduser(root))
+            if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
+                self._base = os.path.abspath(os.path.expanduser(root))
+            else:
+                # A path inside the given filesystem (e.g. a SubTreeFileSystem): keep it as is.
+                _check_part(root.lstrip("/"))
+                self._base = root.rstrip("/")
             self.root = self._base
             self.filesystem = filesystem or pafs.LocalFileSystem()
         self._is_local_fs = isinstance(self.filesystem, pafs.LocalFileSystem)
@@ -222,11 +227,18 @@ class StorageLocation:
             # A filesystem without create-if-absent: check then write (racy; documented).
             if self.exists(key):
                 raise CommitConflictError(f"{self.uri(key)} already exists")
-        if not self.is_s3:
-            folder = path.rsplit("/", 1)[0]
+        if self.is_s3:
+            # An S3 object appears whole when its PUT (or multipart upload) completes.
+            with self.filesystem.open_output_stream(path) as stream:
+                stream.write(data)
+            return
+        folder, _, name = path.rpartition("/")
+        if folder:
             self.filesystem.create_dir(folder, recursive=True)
-        with self.filesystem.open_output_stream(path) as stream:
+        temp = f"{folder}/.{name}{_TEMP_MARK}{uuid.uuid4().hex}" if folder else f".{name}"
+        with self.filesystem.open_output_stream(temp) as stream:
             stream.write(data)
+        self.filesystem.move(temp, path)
 
     def _put_s3_if_absent(self, key: str, data: bytes) -> None:
         # pyarrow cannot send If-None-Match, so the conditional PUT goes through boto3.

@@ -71,6 +71,7 @@ from storage.schema import (
     SOURCES,
     SPLITS,
     STAGES,
+    stored_float,
 )
 
 __all__ = ["CommitInfo", "ImageRecord", "MaskRecord", "MaskStore", "make_mask_id"]
@@ -772,13 +773,13 @@ def _row_to_record(row: dict[str, Any]) -> MaskRecord:
         round=row["round"],
         source=row["source"],
         run_id=row["run_id"],
-        predicted_iou=row["predicted_iou"],
-        stability_score=row["stability_score"],
+        predicted_iou=stored_float(row["predicted_iou"]),
+        stability_score=stored_float(row["stability_score"]),
         point_coords=row["point_coords"],
         crop_box=row["crop_box"],
         model_version=row["model_version"],
         annotator=row["annotator"],
-        lead_time_s=row["lead_time_s"],
+        lead_time_s=stored_float(row["lead_time_s"]),
         clicks=row["clicks"],
         mask_id=row["mask_id"],
         created_at=row["created_at"],

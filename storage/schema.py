@@ -37,6 +37,7 @@ bytes), ``split`` (``pool`` or ``holdout``), ``added_at`` (timestamp, UTC).
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 __all__ = [
@@ -47,12 +48,22 @@ __all__ = [
     "SOURCES",
     "SPLITS",
     "STAGES",
+    "stored_float",
 ]
 
 SCHEMA_VERSION = 1
 STAGES: tuple[int, ...] = (1, 2, 3)
 SOURCES: tuple[str, ...] = ("manual", "model", "auto")
 SPLITS: tuple[str, ...] = ("pool", "holdout")
+
+
+def stored_float(value: float | None) -> float | None:
+    """A float32 column value as the shortest Python float that round-trips (0.96, not
+    0.9599999785423279), so records and exports read back what was written."""
+    if value is None:
+        return None
+    return float(str(np.float32(value)))
+
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 _BOX = pa.list_(pa.float32(), 4)
