@@ -1,0 +1,145 @@
+"""SAM's mask decoder: output tokens (1 IoU + 4 mask tokens) run through the two-way transformer
+with the prompt tokens; the image tokens are upscaled 4x and dotted with per-token hypernetwork
+weights to give low-resolution mask logits ``(B, M, 4h, 4w)`` (256x256 for a 64x64 grid).
+
+Mask token 0 is the single-mask output (used when several prompts make the target clear);
+tokens 1..3 are the multimask outputs for ambiguous prompts (whole, part, sub-part).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.modeling.common import MLP, LayerNorm2d
+from engine.modeling.transformer import TwoWayTransformer
+
+
+class MaskDecoder(nn.Module):
+    """Predicts mask logits and their IoU from an image embedding and prompt embeddings."""
+
+    def __init__(
+        self,
+        *,
+        transformer_dim: int,
+        transformer: TwoWayTransformer,
+        num_multimask_outputs: int = 3,
+        activation: type[nn.Module] = nn.GELU,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+    ) -> None:
+        """
+        Args:
+            transformer_dim: width of the tokens and the image embedding.
+            transformer: the two-way transformer.
+            num_multimask_outputs: masks returned for an ambiguous prompt (3 in SAM).
+            iou_head_depth, iou_head_hidden_dim: the MLP that predicts each mask's IoU.
+        """
+        super().__init__()
+        self.transformer_dim = transformer_dim
+        self.transformer = transformer
+        self.num_multimask_outputs = num_multimask_outputs
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        # Indexes 0/1/2/3 match the official names output_upscaling.{0,1,3}.
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4),
+            activation(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            activation(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
+            for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(
+            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
+        )
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            image_embeddings: ``(1, C, h, w)`` shared by every prompt, or ``(B, C, h, w)`` one per
+                prompt (training batches prompts from several images).
+            image_pe: ``(1, C, h, w)`` dense positional encoding.
+            sparse_prompt_embeddings: ``(B, N, C)`` point/box tokens.
+            dense_prompt_embeddings: ``(B, C, h, w)`` mask-prompt (or no-mask) embedding.
+            multimask_output: return the 3 multimask outputs instead of the single mask.
+
+        Returns:
+            mask logits ``(B, M, 4h, 4w)`` and predicted IoU ``(B, M)``, M = 3 or 1.
+        """
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        selected = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, selected], iou_pred[:, selected]
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ``num_mask_tokens`` outputs: logits ``(B, 4, 4h, 4w)`` and IoU ``(B, 4)``."""
+        batch = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
+        tokens = torch.cat([output_tokens, sparse_prompt_embeddings.to(output_tokens.dtype)], 1)
+
+        if image_embeddings.shape[0] not in (1, batch):
+            raise ValueError(
+                f"image_embeddings has batch {image_embeddings.shape[0]}; expected 1 or the "
+                f"number of prompts {batch}"
+            )
+        src = image_embeddings.expand(batch, -1, -1, -1) + dense_prompt_embeddings
+        pos_src = image_pe.expand(batch, -1, -1, -1)
+        b, c, h, w = src.shape
+
+        hs, src = self.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+
+        upscaled = self.upscale(src.reshape(b, h, w, c))  # (B, 4h, 4w, C / 8)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            dim=1,
+        )  # (B, num_mask_tokens, C / 8)
+        masks = hyper_in @ upscaled.reshape(b, 16 * h * w, -1).transpose(1, 2)
+        return masks.reshape(b, -1, 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
+
+    def upscale(self, x: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` on a channels-last map: ``(B, h, w, C)`` -> ``(B, 4h, 4w, C/8)``.
+
+        Computes exactly ``output_upscaling`` (its own parameters) but without NCHW round trips:
+        a 2x2 stride-2 transposed convolution is one matrix product per input cell followed by a
+        pixel shuffle, which is several times faster on CPU than the generic deconvolution.
+        """
+        deconv1, norm, act1, deconv2, act2 = self.output_upscaling
+        x = _deconv2x2_channels_last(x, deconv1.weight, deconv1.bias)
+        x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        return act2(_deconv2x2_channels_last(x, deconv2.weight, deconv2.bias))
+
+
+def _deconv2x2_channels_last(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``ConvTranspose2d(kernel_size=2, stride=2)`` on ``(B, h, w, Cin)``, weight ``(Cin, Cout, 2,
+    2)``: ``out[b, 2i + di, 2j + dj, o] = sum_c x[b, i, j, c] * weight[c, o, di, dj] + bias[o]``."""
+    b, h, w, c_in = x.shape
+    c_out = weight.shape[1]
+    flat_weight = weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)  # columns (di, dj, o)
+    y = x.reshape(b * h * w, c_in) @ flat_weight.to(x.dtype)
+    y = y.reshape(b, h, w, 2, 2, c_out).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c_out)
+    return y if bias is None else y + bias.to(y.dtype)

@@ -1,0 +1,149 @@
+"""``Sam``: image encoder + prompt encoder + mask decoder, with the pre/post-processing that maps
+between original-image pixels and the model's padded square input frame."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.modeling.mask_decoder import MaskDecoder
+from engine.modeling.prompt_encoder import PromptEncoder
+
+#: ImageNet RGB mean and std in 0..255 pixel units, as SAM normalises its input.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(nn.Module):
+    """Promptable segmentation model.
+
+    Attributes:
+        image_encoder: any module with an ``img_size`` attribute mapping ``(B, 3, S, S)`` to
+            ``(B, C, h, w)``.
+        prompt_encoder, mask_decoder: see their modules.
+        mask_threshold: logit above which a pixel is in the mask (0.0: probability 0.5).
+        image_format: the channel order the model expects ("RGB").
+        build_args: the variant and every argument ``build_sam`` used, so a checkpoint can
+            rebuild the model; empty when the model was assembled by hand.
+    """
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        *,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
+        build_args: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        # Not persistent: the official checkpoints do not store them.
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.build_args: dict[str, Any] = dict(build_args or {})
+
+    @property
+    def img_size(self) -> int:
+        """Side of the square encoder input, pixels (1024 for ViT variants, 256 for tiny)."""
+        return int(self.image_encoder.img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def variant(self) -> str | None:
+        return self.build_args.get("variant")
+
+    @property
+    def use_sdpa(self) -> bool:
+        """Whether attention layers use ``F.scaled_dot_product_attention`` (else explicit maths)."""
+        flags = [m.use_sdpa for m in self.modules() if hasattr(m, "use_sdpa") and m is not self]
+        return bool(flags) and all(flags)
+
+    @use_sdpa.setter
+    def use_sdpa(self, enabled: bool) -> None:
+        for module in self.modules():
+            if module is not self and hasattr(module, "use_sdpa"):
+                module.use_sdpa = bool(enabled)
+
+    @torch.no_grad()
+    def forward(
+        self, batched_input: list[dict[str, Any]], multimask_output: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """Predict masks end to end for a list of images with their prompts (no gradients).
+
+        Each input dict holds ``image`` ``(3, H, W)`` already resized (longest side ``img_size``),
+        ``original_size`` ``(H0, W0)``, and optionally ``point_coords`` ``(B, N, 2)`` xy pixels,
+        ``point_labels`` ``(B, N)``, ``boxes`` ``(B, 4)`` XYXY pixels (both in the resized frame)
+        and ``mask_inputs`` ``(B, 1, 4h, 4w)`` logits. Each output dict holds ``masks`` ``(B, M,
+        H0, W0)`` bool, ``iou_predictions`` ``(B, M)`` and ``low_res_logits`` ``(B, M, 4h, 4w)``.
+        """
+        images = torch.stack([self.preprocess(record["image"]) for record in batched_input], 0)
+        embeddings = self.image_encoder(images)
+        outputs = []
+        for record, embedding in zip(batched_input, embeddings, strict=True):
+            points = None
+            if "point_coords" in record:
+                points = (record["point_coords"], record["point_labels"])
+            sparse, dense = self.prompt_encoder(
+                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
+            )
+            low_res, iou = self.mask_decoder(
+                image_embeddings=embedding.unsqueeze(0),
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+            masks = self.postprocess_masks(
+                low_res,
+                input_size=record["image"].shape[-2:],
+                original_size=record["original_size"],
+            )
+            outputs.append(
+                {
+                    "masks": masks > self.mask_threshold,
+                    "iou_predictions": iou,
+                    "low_res_logits": low_res,
+                }
+            )
+        return outputs
+
+    def postprocess_masks(
+        self,
+        masks: torch.Tensor,
+        input_size: Sequence[int],
+        original_size: Sequence[int],
+    ) -> torch.Tensor:
+        """Upscale ``(B, M, h, w)`` logits to the padded input, drop the padding, resize to the
+        original image: returns ``(B, M, H0, W0)`` logits.
+
+        Args:
+            input_size: ``(H, W)`` of the resized image before padding, pixels.
+            original_size: ``(H0, W0)`` of the original image, pixels.
+        """
+        masks = F.interpolate(
+            masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False
+        )
+        masks = masks[..., : int(input_size[0]), : int(input_size[1])]
+        size = (int(original_size[0]), int(original_size[1]))
+        return F.interpolate(masks, size, mode="bilinear", align_corners=False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``(..., 3, H, W)`` 0..255 RGB pixels and zero-pad bottom/right to
+        ``img_size`` square (padding is 0 after normalisation, i.e. the mean colour)."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
