@@ -11,7 +11,8 @@ Writes are atomic: locally a temporary file next to the target (a dot-file, whic
 (``os.link`` locally, ``If-None-Match: *`` on S3), which is what the commit log needs.
 
 S3 credentials and region come from the standard AWS chain (environment, config files); they are
-never logged. ``endpoint_url`` points at MinIO, moto or another S3-compatible server.
+never logged. ``endpoint_url`` points at MinIO, moto or another S3-compatible server; without it,
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` is used when set, as boto3 does.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class StorageLocation:
         region: str | None = None,
     ) -> None:
         root = str(root)
+        if endpoint_url is None and root.startswith("s3://") and filesystem is None:
+            # The standard AWS setting (boto3 reads it too; pyarrow does not).
+            endpoint_url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+                "AWS_ENDPOINT_URL"
+            )
         self.endpoint_url = endpoint_url
         self.region = region
         if root.startswith("s3://"):
