@@ -1,0 +1,42 @@
+"""Boxes around binary masks, in the convention SAM's generator uses for NMS.
+
+``masks_to_boxes_xyxy`` gives XYXY with the end **inclusive** (x1 is the last foreground column),
+so a one-pixel mask has a box of zero width; NMS on these boxes matches the original's choices.
+The stored ``bbox`` is the tight COCO box (XYWH, ``w = x1 - x0 + 1``), see
+:func:`xyxy_inclusive_to_xywh`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["masks_to_boxes_xyxy", "xyxy_inclusive_to_xywh"]
+
+
+def masks_to_boxes_xyxy(masks: np.ndarray) -> np.ndarray:
+    """Boxes around boolean masks ``(N, H, W)``: ``(N, 4)`` int64 XYXY, end inclusive, pixels.
+
+    An empty mask gets ``[0, 0, 0, 0]``.
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    rows = masks.any(axis=2)  # (N, H)
+    cols = masks.any(axis=1)  # (N, W)
+    top = rows.argmax(axis=1)
+    bottom = h - 1 - rows[:, ::-1].argmax(axis=1)
+    left = cols.argmax(axis=1)
+    right = w - 1 - cols[:, ::-1].argmax(axis=1)
+    boxes = np.stack([left, top, right, bottom], axis=1).astype(np.int64)
+    boxes[~rows.any(axis=1)] = 0
+    return boxes
+
+
+def xyxy_inclusive_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """End-inclusive XYXY ``(N, 4)`` -> tight XYWH ``(N, 4)`` float64 (pixel counts as w, h);
+    an all-zero box (empty mask) stays all zero."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    out = boxes.copy()
+    out[:, 2:] = boxes[:, 2:] - boxes[:, :2] + 1
+    out[~boxes.any(axis=1)] = 0
+    return out
