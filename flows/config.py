@@ -1,0 +1,391 @@
+"""The data engine's one configuration: a validated pydantic model, read from TOML or YAML plus
+environment overrides, validated once at the edge and then passed to the flows as a parameter.
+
+File layout (every section and key optional except ``root``; see ``examples/config.toml``)::
+
+    root = "./engine-data"          # local folder or s3://bucket/prefix
+    [source]      images = "synthetic" | a folder | s3://bucket/prefix, holdout, ...
+    [label_studio] url, token (secret), poll_interval_s, timeout_s
+    [model]       variant, checkpoint, pretrain_steps / pretrain_minutes
+    [annotator]   kind = "simulated" | "label_studio", the simulated person's time model
+    [stage1] [stage2] [stage3]   rounds, images_per_round, training budget, thresholds
+    [evaluation]  holdout clicks
+
+Environment overrides: ``DATA_ENGINE_<SECTION>__<KEY>=value`` (``DATA_ENGINE_ROOT`` for top-level
+keys), e.g. ``DATA_ENGINE_STAGE1__ROUNDS=2``. ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY``
+(the names Label Studio's own tools use) set the Label Studio section. Unknown keys, in the file or
+in a ``DATA_ENGINE_`` variable, and values of the wrong type are all reported in one
+:class:`~storage.errors.ConfigError`; the token never appears in a message or a log.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from storage.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "AnnotatorConfig",
+    "EngineConfig",
+    "EvaluationConfig",
+    "LabelStudioConfig",
+    "ModelConfig",
+    "SourceConfig",
+    "Stage1Config",
+    "Stage2Config",
+    "Stage3Config",
+    "TrainingBudget",
+    "load_config",
+    "parse_config",
+]
+
+ENV_PREFIX = "DATA_ENGINE_"
+# Environment variables named by Label Studio's own tooling, mapped into our config.
+_LABEL_STUDIO_ENV = {"LABEL_STUDIO_URL": "url", "LABEL_STUDIO_API_KEY": "token"}
+# Fields whose values must never be echoed back in an error message.
+_SECRET_FIELDS = frozenset({"token"})
+
+
+class _Section(BaseModel):
+    """Strict base: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SourceConfig(_Section):
+    """Where the images come from.
+
+    ``images = "synthetic"`` draws scenes with exact ground truth from :mod:`engine.synthetic`
+    (the demo's default); the simulated annotator and the holdout use that ground truth. Any
+    other value is a local folder or ``s3://bucket/prefix`` of images for the pool.
+    """
+
+    images: str = "synthetic"
+    holdout: str | None = Field(
+        None, description="folder or s3:// prefix of holdout images (real sources only)"
+    )
+    holdout_coco: str | None = Field(
+        None, description="COCO instances JSON with the holdout's ground truth (real sources)"
+    )
+    pool_coco: str | None = Field(
+        None, description="COCO ground truth of the pool, needed only by the simulated annotator"
+    )
+    pool_images: int | None = Field(
+        None, ge=1, description="synthetic: pool size; default: what the stages consume"
+    )
+    holdout_images: int = Field(8, ge=1, description="synthetic: holdout images")
+    image_size: int = Field(256, ge=32, le=2048, description="synthetic: image side, pixels")
+    seed: int = Field(0, description="synthetic: dataset seed (pool, holdout, pretraining)")
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the built-in synthetic scenes are the source."""
+        return self.images == "synthetic"
+
+
+class LabelStudioConfig(_Section):
+    """How to reach Label Studio (only used when ``annotator.kind = "label_studio"``)."""
+
+    url: str = "http://localhost:8080"
+    token: SecretStr | None = Field(None, description="API token; prefer LABEL_STUDIO_API_KEY")
+    poll_interval_s: float = Field(10.0, gt=0, description="seconds between progress checks")
+    timeout_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="seconds to wait for a round's tasks before failing"
+    )
+    ml_backend_url: str | None = Field(None, description="ML backend to attach to projects")
+    document_root: str | None = Field(
+        None, description="Label Studio's LOCAL_FILES_DOCUMENT_ROOT (local images must be under it)"
+    )
+    dataset: str = Field("engine", description="dataset name in project titles")
+
+
+class ModelConfig(_Section):
+    """The model the engine starts from."""
+
+    variant: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "tiny"
+    checkpoint: str | None = Field(
+        None, description="start from this checkpoint (local or s3://) instead of pretraining"
+    )
+    pretrain_steps: int | None = Field(
+        None, ge=1, description="steps of version-0 pretraining on synthetic scenes"
+    )
+    pretrain_minutes: float = Field(
+        3.0, gt=0, description="wall-clock minutes of version-0 pretraining (if no steps)"
+    )
+    pretrain_images: int = Field(
+        64, ge=1, description="synthetic scenes for pretraining (a seed apart from pool/holdout)"
+    )
+
+
+class TrainingBudget(_Section):
+    """How long one retrain runs: ``steps`` when given, else ``minutes`` of wall clock."""
+
+    steps: int | None = Field(None, ge=1)
+    minutes: float = Field(0.5, gt=0)
+    batch_size: int = Field(4, ge=1, description="masks per step")
+    learning_rate: float = Field(1e-4, gt=0)
+
+
+class AnnotatorConfig(_Section):
+    """Who annotates stages 1 and 2, and the simulated person's behaviour and time model.
+
+    Simulated seconds per mask = ``seconds_per_object`` (find the object, decide, check) +
+    ``seconds_per_click`` x clicks + ``brush_seconds`` when the click budget ran out and the
+    rest was painted by hand. An accepted stage-2 prediction costs ``accept_seconds``, a deleted
+    one ``reject_seconds``. A person spends at most ``image_budget_s`` on one image and labels
+    objects in order of prominence (largest first), so a better model means more masks per image.
+    """
+
+    kind: Literal["simulated", "label_studio"] = "simulated"
+    iou_target: float = Field(0.9, gt=0, le=1)
+    click_budget: int = Field(8, ge=1, description="clicks before switching to the brush")
+    seconds_per_click: float = Field(2.5, ge=0)
+    seconds_per_object: float = Field(5.0, ge=0)
+    brush_seconds: float = Field(20.0, ge=0)
+    accept_seconds: float = Field(1.5, ge=0)
+    reject_seconds: float = Field(1.0, ge=0)
+    image_budget_s: float = Field(90.0, gt=0)
+    name: str = Field("simulated", description="annotator name stored with each mask")
+
+
+class _StageBase(_Section):
+    rounds: int = Field(2, ge=1)
+    images_per_round: int = Field(6, ge=1)
+    train: TrainingBudget = Field(default_factory=TrainingBudget)
+
+
+class Stage1Config(_StageBase):
+    """Assisted-manual: the annotator clicks, the model answers."""
+
+    rounds: int = Field(3, ge=1)
+
+
+class Stage2Config(_StageBase):
+    """Semi-automatic: the generator pre-labels at a high confidence gate."""
+
+    points_per_side: int = Field(12, ge=1)
+    pred_iou_thresh: float = Field(0.93, ge=0, le=1.5)
+    stability_score_thresh: float = Field(0.95, ge=0, le=1)
+
+
+class Stage3Config(_StageBase):
+    """Fully automatic: the generator alone, with the paper's filters."""
+
+    rounds: int = Field(1, ge=1)
+    images_per_round: int = Field(16, ge=1)
+    points_per_side: int = Field(16, ge=1)
+    pred_iou_thresh: float = Field(0.88, ge=0, le=1.5)
+    stability_score_thresh: float = Field(0.95, ge=0, le=1)
+    crop_n_layers: int = Field(0, ge=0, le=3)
+    min_mask_region_area: int = Field(20, ge=0)
+    max_mask_region_fraction: float | None = Field(0.95, gt=0, le=1)
+
+
+class EvaluationConfig(_Section):
+    """The holdout protocol: clicks per object and a cap on objects per image."""
+
+    max_clicks: int = Field(10, ge=5, le=20)
+    max_objects_per_image: int | None = Field(None, ge=1)
+
+
+class EngineConfig(_Section):
+    """Everything a data-engine run needs, validated at once."""
+
+    root: str = Field(..., min_length=1, description="storage root: a folder or s3://bucket/p")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto)")
+    run_name: str = Field(
+        "engine", min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="names commits"
+    )
+    seed: int = 0
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    label_studio: LabelStudioConfig = Field(default_factory=LabelStudioConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    annotator: AnnotatorConfig = Field(default_factory=AnnotatorConfig)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    stage3: Stage3Config = Field(default_factory=Stage3Config)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _ground_truth_for_simulation(self) -> EngineConfig:
+        # A simulated person needs the truth to click towards; a real source must bring it.
+        if not self.source.synthetic:
+            if self.annotator.kind == "simulated" and self.source.pool_coco is None:
+                raise ValueError(
+                    "annotator.kind = 'simulated' on a real image source needs source.pool_coco "
+                    "(ground truth to click towards); use annotator.kind = 'label_studio'"
+                )
+            if self.source.holdout is None or self.source.holdout_coco is None:
+                raise ValueError(
+                    "a real image source needs source.holdout and source.holdout_coco "
+                    "(images and ground truth to evaluate each model version on)"
+                )
+        return self
+
+    def stage(self, number: int) -> Stage1Config | Stage2Config | Stage3Config:
+        """The section of stage ``number`` (1, 2 or 3)."""
+        sections = {1: self.stage1, 2: self.stage2, 3: self.stage3}
+        if number not in sections:
+            raise ConfigError(f"stage must be 1, 2 or 3, got {number!r}")
+        return sections[number]
+
+    def pool_images_needed(self) -> int:
+        """Pool images the three stages consume (each image is used by one round only)."""
+        return sum(s.rounds * s.images_per_round for s in (self.stage1, self.stage2, self.stage3))
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as plain JSON-able data with the token masked (for logs and reports)."""
+        return json.loads(self.model_dump_json())
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    origin: str = "config",
+) -> EngineConfig:
+    """Validate ``data`` (a config dict) with environment overrides applied on top.
+
+    Args:
+        data: the parsed file (nested dicts).
+        environ: the environment to read overrides from; None means no overrides.
+        origin: what ``data`` came from, named in the error message.
+
+    Raises:
+        ConfigError: listing every unknown key and every wrong value at once.
+    """
+    merged, problems = _apply_environment(dict(data), environ or {})
+    try:
+        config = EngineConfig.model_validate(merged)
+    except ValidationError as err:
+        problems.extend(_describe(e) for e in err.errors())
+    else:
+        if not problems:
+            return config
+    lines = "\n".join(f"  - {p}" for p in problems)
+    raise ConfigError(f"{origin}: {len(problems)} problem(s):\n{lines}")
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> EngineConfig:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) config, apply overrides, validate.
+
+    Args:
+        path: the config file; None starts from an empty document (defaults + overrides).
+        environ: environment variables for ``DATA_ENGINE_*`` / ``LABEL_STUDIO_*`` overrides.
+        overrides: nested values applied after the file and before the environment (the CLI's
+            own options, e.g. ``{"root": "./engine-data"}``).
+
+    Raises:
+        ConfigError: the file is missing, unparsable, of an unknown type, or invalid.
+    """
+    data: dict[str, Any] = {}
+    origin = "config"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        data = _read_file(p)
+    _deep_update(data, dict(overrides or {}))
+    return parse_config(data, environ=environ, origin=origin)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    text = path.read_text()
+    try:
+        if suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path}: expected a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def _apply_environment(
+    data: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], list[str]]:
+    """Overlay ``DATA_ENGINE_*`` and ``LABEL_STUDIO_*`` variables; unknown names are problems."""
+    problems: list[str] = []
+    for var, key in _LABEL_STUDIO_ENV.items():
+        if environ.get(var):
+            data.setdefault("label_studio", {})
+            if isinstance(data["label_studio"], dict):
+                data["label_studio"][key] = environ[var]
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in var[len(ENV_PREFIX) :].split("__")]
+        if not _known_path(path):
+            problems.append(f"{var}: unknown setting {'.'.join(path)!r}")
+            continue
+        target = data
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                problems.append(f"{var}: {part!r} is not a section")
+                break
+        else:
+            target[path[-1]] = _parse_env_value(environ[var])
+    return data, problems
+
+
+def _known_path(path: list[str]) -> bool:
+    model: type[BaseModel] = EngineConfig
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif i != len(path) - 1:
+            return False
+    return True
+
+
+def _parse_env_value(raw: str) -> Any:
+    """``"null"`` and ``"none"`` (any case) mean None; everything else pydantic coerces."""
+    return None if raw.strip().lower() in ("null", "none") else raw
+
+
+def _deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error.get("loc", ())) or "(top level)"
+    if error.get("type") == "extra_forbidden":
+        return f"{loc}: unknown key"
+    message = str(error.get("msg", "invalid"))
+    if error.get("type") == "missing":
+        return f"{loc}: required but missing"
+    secret = any(str(part) in _SECRET_FIELDS for part in error.get("loc", ()))
+    value = error.get("input")
+    if secret or isinstance(value, dict | list) or value is None:
+        return f"{loc}: {message}"
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return f"{loc}: {message} (got {shown})"
