@@ -1,0 +1,30 @@
+"""Retraining on accumulated masks with SAM's interactive recipe.
+
+data = StoreTrainingData(store, model.img_size)        # or SyntheticTrainingData(img_size)
+result = train(model, data, TrainConfig(steps=2000))   # model trained in place
+"""
+
+from engine.training.data import (
+    AugmentConfig,
+    StoreTrainingData,
+    SyntheticTrainingData,
+    TrainingData,
+    TrainSample,
+)
+from engine.training.loop import StepLog, TrainConfig, TrainResult, lr_at, train
+from engine.training.simulation import SimulationResult, simulate_interactive
+
+__all__ = [
+    "AugmentConfig",
+    "SimulationResult",
+    "StepLog",
+    "StoreTrainingData",
+    "SyntheticTrainingData",
+    "TrainConfig",
+    "TrainResult",
+    "TrainSample",
+    "TrainingData",
+    "lr_at",
+    "simulate_interactive",
+    "train",
+]
