@@ -653,9 +653,6 @@ class _Batch:
         run_id: str,
         images: dict[str, ImageRecord],
     ) -> _Batch:
-        columns: dict[str, list[Any]] = {name: [] for name in MASKS_FILE_SCHEMA.names}
-        segmentations: list[Rle] = []
-        seen: dict[str, str] = {}
         for i, rec in enumerate(records):
             name = f"records[{i}]"
             if not isinstance(rec, MaskRecord):
@@ -673,7 +670,16 @@ class _Batch:
                 raise InvalidInputError(
                     f"{name}.image_id {rec.image_id!r} is not a registered image; add_images first"
                 )
-            seg = rle_codec.validate(rec.segmentation, name=f"{name}.segmentation")
+        # One vectorised pass over every RLE of the batch.
+        checked = rle_codec.validate_many(
+            [rec.segmentation for rec in records], name="records", suffix=".segmentation"
+        )
+        columns: dict[str, list[Any]] = {name: [] for name in MASKS_FILE_SCHEMA.names}
+        segmentations: list[Rle] = []
+        seen: dict[str, str] = {}
+        for i, (rec, seg) in enumerate(zip(records, checked, strict=True)):
+            name = f"records[{i}]"
+            image = images[rec.image_id]
             if seg["size"] != [image.height, image.width]:
                 raise RleError(
                     f"{name}.segmentation has size {seg['size']}; image {rec.image_id!r} is "

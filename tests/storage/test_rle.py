@@ -224,3 +224,23 @@ def test_from_brush_rejects_wrong_size_and_garbage() -> None:
         rle.from_brush([1, 2], 1, 1)
     with pytest.raises(RleError):
         rle.from_brush([*brush[:6], 0], 4, 4)
+
+
+@_SETTINGS
+@given(st.lists(mask_batches(), min_size=1, max_size=4))
+def test_batch_validation_parses_every_rle_like_one_at_a_time(batches: list[np.ndarray]) -> None:
+    encoded = [r for masks in batches for r in rle.encode(masks)]
+    assert rle.validate_many(encoded) == encoded
+    masks = [m for batch in batches for m in batch]
+    for mask, r in zip(masks, encoded, strict=True):
+        np.testing.assert_array_equal(rle.counts_to_runs(r["counts"]), _runs(mask))
+
+
+def test_batch_validation_names_the_bad_element() -> None:
+    good = rle.encode(np.ones((3, 4, 5), dtype=bool))
+    corrupt = [good[0], good[1], {"size": [4, 5], "counts": "0`"}]
+    with pytest.raises(RleError, match=r"^masks\[2\]\.segmentation: counts ends"):
+        rle.validate_many(corrupt, name="masks", suffix=".segmentation")
+    short = [good[0], {"size": [4, 6], "counts": good[1]["counts"]}, good[2]]
+    with pytest.raises(RleError, match=r"^rles\[1\]: counts sum to 20"):
+        rle.validate_many(short)
