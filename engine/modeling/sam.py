@@ -69,7 +69,7 @@ class Sam(nn.Module):
     @property
     def use_sdpa(self) -> bool:
         """Whether attention layers use ``F.scaled_dot_product_attention`` (else explicit maths)."""
-        flags = [m.use_sdpa for m in self.modules() if hasattr(m, "use_sdpa") and m is not self]
+        flags = [m.use_sdpa for m in self.modules() if m is not self and hasattr(m, "use_sdpa")]
         return bool(flags) and all(flags)
 
     @use_sdpa.setter

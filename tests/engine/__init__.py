@@ -1,0 +1,1 @@
+"""Tests of the engine package (model, predictor, checkpoints, training, AMG)."""
