@@ -235,7 +235,12 @@ class MaskStore:
         )
         self._commit_cache: dict[int, CommitInfo] = {}
         self._mask_files: dict[str, pa.Table] = {}
+        # Tables this object wrote, without the stage column (added when first read).
+        self._written_files: dict[str, tuple[pa.Table, int]] = {}
         self._image_files: dict[str, pa.Table] = {}
+        # Mask ids of every committed file seen so far, grown one file at a time.
+        self._known_ids: set[str] = set()
+        self._known_id_files: set[str] = set()
 
     def __repr__(self) -> str:
         return f"MaskStore({self.location.root!r})"
@@ -386,7 +391,7 @@ class MaskStore:
                 continue
             self._commit_cache[info.sequence] = info
             if table is not None:
-                self._mask_files[files[0]] = _with_stage(table, stage)
+                self._written_files[files[0]] = (table, stage)
             return info
         raise CommitConflictError(
             f"gave up committing run {run_id!r} after {_MAX_COMMIT_ATTEMPTS} conflicts"
@@ -488,7 +493,6 @@ class MaskStore:
             if info.mtime is not None and info.mtime > cutoff:
                 continue
             self.location.delete(info.key)
-            self._mask_files.pop(info.key, None)
             deleted.append(info.key)
         return deleted
 
@@ -620,16 +624,24 @@ class MaskStore:
         return [c for c in commits if c.sequence <= as_of]
 
     def _committed_mask_ids(self, commits: Sequence[CommitInfo]) -> set[str]:
-        ids: set[str] = set()
+        """Ids of every mask in ``commits`` (the whole log: callers pass the head)."""
         for c in commits:
             for key in c.files:
-                ids.update(self._read_mask_file(key, c.stage)["mask_id"].to_pylist())
-        return ids
+                if key not in self._known_id_files:
+                    written = self._written_files.get(key)
+                    table = written[0] if written else self._read_mask_file(key, c.stage)
+                    self._known_ids.update(table["mask_id"].to_pylist())
+                    self._known_id_files.add(key)
+        return self._known_ids
 
     def _read_mask_file(self, key: str, stage: int) -> pa.Table:
         table = self._mask_files.get(key)
         if table is None:
-            raw = _read_parquet(self.location.get_bytes(key), key, MASKS_FILE_SCHEMA)
+            written = self._written_files.pop(key, None)
+            if written is not None:
+                raw = written[0]
+            else:
+                raw = _read_parquet(self.location.get_bytes(key), key, MASKS_FILE_SCHEMA)
             table = _with_stage(raw, stage)
             self._mask_files[key] = table
         return table

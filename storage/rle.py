@@ -65,20 +65,31 @@ class Rle(TypedDict):
 
 
 def encode(masks: np.ndarray) -> list[Rle]:
-    """Encode boolean masks ``(N, H, W)`` to COCO RLEs (one per mask, counts as ``str``)."""
+    """Encode boolean masks ``(N, H, W)`` to COCO RLEs (one per mask, counts as ``str``).
+
+    Any memory layout works. A C-ordered array (the usual) costs one transpose per mask; an
+    array whose masks are column-major in memory (strides ``(H*W, 1, H)``, e.g.
+    ``t.transpose(1, 2).contiguous().numpy().transpose(0, 2, 1)`` from a torch tensor ``t``) is
+    handed to pycocotools without any copy. The RLEs returned are dicts that later validation
+    skips while they are left unmodified.
+    """
     _check_masks(masks)
     n, h, w = masks.shape
     if n == 0:
         return []
+    as_bytes = masks.view(np.uint8)  # bool and uint8 share a layout (0/1)
+    if as_bytes.transpose(0, 2, 1).flags.c_contiguous:
+        # Already (H, W, N) Fortran-ordered once the axes are moved: zero-copy.
+        encoded = _coco_mask.encode(as_bytes.transpose(1, 2, 0))
+        return [_trusted(h, w, r["counts"].decode("ascii")) for r in encoded]
     # pycocotools wants (H, W) in Fortran order, i.e. the mask transposed in C order. One
     # reused buffer per batch: the transpose stays in cache and no N-mask copy is allocated.
-    # Bool and uint8 share a layout (0/1).
     transposed = np.empty((w, h), dtype=np.uint8)
     out: list[Rle] = []
-    for mask in masks.view(np.uint8):
+    for mask in as_bytes:
         _transpose_into(mask, transposed)
         counts = _coco_mask.encode(transposed.T[:, :, None])[0]["counts"]
-        out.append({"size": [h, w], "counts": counts.decode("ascii")})
+        out.append(_trusted(h, w, counts.decode("ascii")))
     return out
 
 
@@ -161,24 +172,59 @@ def counts_to_runs(counts: str, *, name: str = "rle") -> np.ndarray:
 
 
 def _validate_all(rles: Sequence[Any], label: Callable[[int], str]) -> list[Rle]:
+    out: list[Rle] = []
     sizes: list[tuple[int, int]] = []
     strings: list[str] = []
+    unchecked: list[int] = []  # positions in `out` whose counts must be parsed
     for i, rle in enumerate(rles):
+        if _is_untouched(rle):
+            out.append(rle)
+            continue
         h, w = _check_size(rle, label(i))
+        counts = _counts_string(rle.get("counts"), h, w, label(i))
+        out.append({"size": [h, w], "counts": counts})
         sizes.append((h, w))
-        strings.append(_counts_string(rle.get("counts"), h, w, label(i)))
-    runs, owner = _parse_counts(strings, label)
+        strings.append(counts)
+        unchecked.append(i)
+    if not unchecked:
+        return out
+    runs, owner = _parse_counts(strings, lambda j: label(unchecked[j]))
     # Exact in float64: every sum is at most h * w < 2**53.
     totals = np.bincount(owner, weights=runs, minlength=len(strings))
     expected = np.array([h * w for h, w in sizes], dtype=np.float64)
     wrong = np.flatnonzero(totals != expected)
     if wrong.size:
-        i = int(wrong[0])
-        h, w = sizes[i]
+        j = int(wrong[0])
+        h, w = sizes[j]
         raise RleError(
-            f"{label(i)}: counts sum to {int(totals[i])} pixels; expected h*w = {h}*{w} = {h * w}"
+            f"{label(unchecked[j])}: counts sum to {int(totals[j])} pixels; "
+            f"expected h*w = {h}*{w} = {h * w}"
         )
-    return [{"size": [h, w], "counts": c} for (h, w), c in zip(sizes, strings, strict=True)]
+    return out
+
+
+class _EncodedRle(dict):  # type: ignore[type-arg]
+    """An RLE :func:`encode` produced. It is a plain dict to everyone else; validation skips
+    it while its ``counts`` is still the very string encode made (strings are immutable, so
+    identity means unchanged) and its ``size`` is unchanged. Copies are validated as usual.
+    """
+
+    __slots__ = ("_counts", "_size")
+
+
+def _trusted(h: int, w: int, counts: str) -> Rle:
+    rle = _EncodedRle(size=[h, w], counts=counts)
+    rle._counts = counts
+    rle._size = (h, w)
+    return rle  # type: ignore[return-value]
+
+
+def _is_untouched(rle: Any) -> bool:
+    if type(rle) is not _EncodedRle:
+        return False
+    counts = getattr(rle, "_counts", None)
+    size = getattr(rle, "_size", None)
+    return counts is not None and rle.get("counts") is counts and rle.get("size") == [*size]
 
 
 def _counts_string(counts: Any, h: int, w: int, name: str) -> str:

@@ -244,3 +244,30 @@ def test_batch_validation_names_the_bad_element() -> None:
     short = [good[0], {"size": [4, 6], "counts": good[1]["counts"]}, good[2]]
     with pytest.raises(RleError, match=r"^rles\[1\]: counts sum to 20"):
         rle.validate_many(short)
+
+
+@settings(max_examples=50, deadline=None)
+@given(mask_batches())
+def test_column_major_input_encodes_identically(masks: np.ndarray) -> None:
+    column_major = np.ascontiguousarray(masks.transpose(0, 2, 1)).transpose(0, 2, 1)
+    assert rle.encode(column_major) == rle.encode(masks)
+    assert rle.encode(masks[:, ::-1, :]) == rle.encode(np.ascontiguousarray(masks[:, ::-1, :]))
+
+
+def test_encoded_rles_are_revalidated_once_modified() -> None:
+    import copy
+    import json
+
+    mask = np.zeros((1, 4, 5), dtype=bool)
+    mask[0, 1:3, 2:4] = True
+    encoded = rle.encode(mask)[0]
+    assert rle.validate(encoded) == {"size": [4, 5], "counts": encoded["counts"]}
+    assert json.loads(json.dumps(encoded)) == encoded
+    assert rle.validate(copy.deepcopy(encoded)) == encoded
+    encoded["size"][1] = 6  # the same counts no longer fit
+    with pytest.raises(RleError, match="sum to 20"):
+        rle.validate(encoded)
+    encoded["size"][1] = 5
+    encoded["counts"] = "0`"
+    with pytest.raises(RleError, match="middle of a run"):
+        rle.decode([encoded])
