@@ -77,8 +77,7 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = 64_000_000) -> np.
             )
         try:
             image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
         except _DECODE_ERRORS as err:
             raise ImageError(f"image {name!r} is truncated or corrupt: {err}") from None
     return rgb

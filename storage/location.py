@@ -17,6 +17,7 @@ never logged. ``endpoint_url`` points at MinIO, moto or another S3-compatible se
 
 from __future__ import annotations
 
+import builtins
 import functools
 import os
 import re
@@ -157,7 +158,7 @@ class StorageLocation:
             raise StorageError(f"could not check {self.uri(key)}: {err}") from err
         return info.type == pafs.FileType.File
 
-    def list(self, prefix: str = "", *, include_hidden: bool = False) -> list[str]:
+    def list(self, prefix: str = "", *, include_hidden: bool = False) -> builtins.list[str]:
         """Keys of the files under the folder ``prefix`` (recursive, sorted).
 
         Names starting with ``.`` (temporary files of writes in progress) are left out unless
@@ -165,7 +166,9 @@ class StorageLocation:
         """
         return [info.key for info in self.list_info(prefix, include_hidden=include_hidden)]
 
-    def list_info(self, prefix: str = "", *, include_hidden: bool = False) -> list[ObjectInfo]:
+    def list_info(
+        self, prefix: str = "", *, include_hidden: bool = False
+    ) -> builtins.list[ObjectInfo]:
         """Like :meth:`list`, with each file's size and last-modified time."""
         prefix = self.key(prefix)
         selector = pafs.FileSelector(self._path(prefix), recursive=True, allow_not_found=True)

@@ -522,13 +522,10 @@ class MaskStore:
             raise InvalidInputError(
                 f"embedding for {image_id!r} has dtype {embedding.dtype}; expected float"
             )
-        sizes = {}
-        for name, size in (("original_size", original_size), ("input_size", input_size)):
-            if len(tuple(size)) != 2 or any(int(s) <= 0 for s in size):
-                raise InvalidInputError(f"{name} is {size!r}; expected (height, width) > 0")
-            sizes[name] = np.asarray([int(s) for s in size], dtype=np.int64)
+        original = _size_pair(original_size, "original_size")
+        resized = _size_pair(input_size, "input_size")
         buffer = io.BytesIO()
-        np.savez(buffer, embedding=embedding, **sizes)
+        np.savez(buffer, embedding=embedding, original_size=original, input_size=resized)
         self.location.put_bytes(_embedding_key(image_id, model_version), buffer.getvalue())
 
     def load_embedding(
@@ -818,6 +815,16 @@ def _check_id(value: Any, name: str) -> None:
             f"{name} {value!r}; expected 1-200 letters, digits and '._=+-', not starting "
             "with a dot or dash (ids become file names)"
         )
+
+
+def _size_pair(size: Any, name: str) -> np.ndarray:
+    try:
+        values = [int(s) for s in size]
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} is {size!r}; expected (height, width) in pixels") from None
+    if len(values) != 2 or min(values) <= 0:
+        raise InvalidInputError(f"{name} is {size!r}; expected (height, width) > 0")
+    return np.asarray(values, dtype=np.int64)
 
 
 def _check_split(value: Any, name: str) -> None:

@@ -203,13 +203,15 @@ def _validate_all(rles: Sequence[Any], label: Callable[[int], str]) -> list[Rle]
     return out
 
 
-class _EncodedRle(dict):  # type: ignore[type-arg]
+class _EncodedRle(dict[str, Any]):
     """An RLE :func:`encode` produced. It is a plain dict to everyone else; validation skips
     it while its ``counts`` is still the very string encode made (strings are immutable, so
     identity means unchanged) and its ``size`` is unchanged. Copies are validated as usual.
     """
 
     __slots__ = ("_counts", "_size")
+    _counts: str
+    _size: tuple[int, int]
 
 
 def _trusted(h: int, w: int, counts: str) -> Rle:
@@ -224,7 +226,9 @@ def _is_untouched(rle: Any) -> bool:
         return False
     counts = getattr(rle, "_counts", None)
     size = getattr(rle, "_size", None)
-    return counts is not None and rle.get("counts") is counts and rle.get("size") == [*size]
+    if counts is None or size is None:
+        return False
+    return rle.get("counts") is counts and rle.get("size") == [size[0], size[1]]
 
 
 def _counts_string(counts: Any, h: int, w: int, name: str) -> str:
