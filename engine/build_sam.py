@@ -91,6 +91,7 @@ def build_sam(
     *,
     device: torch.device | str | None = None,
     use_sdpa: bool = True,
+    endpoint_url: str | None = None,
     **overrides: Any,
 ) -> Sam:
     """Build a SAM variant, fresh (random weights) or from a checkpoint.
@@ -101,6 +102,7 @@ def build_sam(
             dict; a checkpoint of another variant is refused with ``CheckpointError``.
         device: where to build the model ("meta" builds without allocating memory).
         use_sdpa: attention through ``F.scaled_dot_product_attention`` (else explicit maths).
+        endpoint_url: S3-compatible endpoint (MinIO, moto) for an ``s3://`` checkpoint.
         overrides: build arguments replacing the variant's defaults (fresh models only), e.g.
             ``image_size=320`` for tiny.
 
@@ -116,7 +118,9 @@ def build_sam(
             )
         from engine.checkpoint import load_checkpoint  # checkpoint imports this module
 
-        model, meta = load_checkpoint(checkpoint, variant=variant, map_location=device or "cpu")
+        model, meta = load_checkpoint(
+            checkpoint, variant=variant, map_location=device or "cpu", endpoint_url=endpoint_url
+        )
         if meta.variant != variant:
             raise CheckpointError(
                 f"checkpoint {checkpoint!r} holds a {meta.variant!r} model, not {variant!r}"

@@ -193,7 +193,7 @@ def _plain_meta(
     if inferred is None and variant is None:
         raise CheckpointError(
             f"cannot tell the variant of the plain state dict {uri!r} (no "
-            f"image_encoder.patch_embed.proj.weight or image_encoder.stages.0.0.weight); pass "
+            f"image_encoder.patch_embed.proj.weight or image_encoder.lateral_mid.weight); pass "
             f"variant="
         )
     if variant is not None and inferred is not None and inferred != variant:
@@ -219,7 +219,7 @@ def infer_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
     patch = state_dict.get("image_encoder.patch_embed.proj.weight")
     if patch is not None:
         return _VIT_WIDTHS.get(int(patch.shape[0]))
-    if "image_encoder.stages.0.0.weight" in state_dict:
+    if "image_encoder.lateral_mid.weight" in state_dict:
         return "tiny"
     return None
 
