@@ -95,7 +95,7 @@ def make_mask_id(*parts: str) -> str:
     return digest.hexdigest()[:32]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageRecord:
     """One registered image. ``width`` and ``height`` in pixels; ``sha256`` of the file bytes."""
 
@@ -237,7 +237,9 @@ class MaskStore:
         self._mask_files: dict[str, pa.Table] = {}
         # Tables this object wrote, without the stage column (added when first read).
         self._written_files: dict[str, tuple[pa.Table, int]] = {}
-        self._image_files: dict[str, pa.Table] = {}
+        self._image_files: dict[str, pa.Table] = {}  # written here, not yet indexed
+        self._images_by_id: dict[str, ImageRecord] = {}
+        self._indexed_image_files: list[str] = []
         # Mask ids of every committed file seen so far, grown one file at a time.
         self._known_ids: set[str] = set()
         self._known_id_files: set[str] = set()
@@ -339,6 +341,8 @@ class MaskStore:
         _check_commit_args(stage, round, run_id)
         records = list(records)
         batch = _Batch.build(records, stage, round, run_id, self._image_index())
+        if isinstance(replaces, str):
+            raise InvalidInputError("replaces is a str; expected a sequence of mask ids")
         replaces = tuple(dict.fromkeys(replaces))
         for i, mask_id in enumerate(replaces):
             if not isinstance(mask_id, str) or not mask_id:
@@ -578,18 +582,21 @@ class MaskStore:
         return key
 
     def _image_index(self) -> dict[str, ImageRecord]:
-        keys = self.location.list("images")
-        index: dict[str, ImageRecord] = {}
-        for key in keys:
-            if not key.endswith(".parquet"):
-                continue
+        """Registered images by id, first registration wins; one LIST, new files only."""
+        keys = [k for k in self.location.list("images") if k.endswith(".parquet")]
+        done = self._indexed_image_files
+        if keys[: len(done)] != done:  # a file sorted in among older ones: rebuild
+            self._images_by_id, done = {}, []
+        for key in keys[len(done) :]:
             table = self._image_files.get(key)
             if table is None:
                 table = _read_parquet(self.location.get_bytes(key), key, IMAGES_SCHEMA)
-                self._image_files[key] = table
             for row in table.to_pylist():
-                index.setdefault(row["image_id"], ImageRecord(**row))
-        return index
+                self._images_by_id.setdefault(row["image_id"], ImageRecord(**row))
+            done.append(key)
+        self._indexed_image_files = done
+        self._image_files.clear()
+        return self._images_by_id
 
     def _read_commits(self) -> list[CommitInfo]:
         for key in self.location.list(_COMMITS):
