@@ -277,6 +277,7 @@ def test_bad_records_raise_before_anything_is_written(
         {"stage": 1, "round": -1, "run_id": "r"},
         {"stage": 1, "round": 0, "run_id": ""},
         {"stage": 1, "round": 0, "run_id": "r", "replaces": ["never-committed"]},
+        {"stage": 1, "round": 0, "run_id": "r", "replaces": "one-id-as-a-str"},
     ],
 )
 def test_bad_write_arguments(store_root: StoreRoot, kwargs: dict[str, object]) -> None:
