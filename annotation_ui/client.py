@@ -19,6 +19,7 @@ import base64
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar, overload
 
 import httpx
@@ -102,18 +103,28 @@ class LabelStudioClient:
 
         self.settings = settings
         self.url = settings.url
+        self._http = httpx_client or httpx.Client(timeout=settings.timeout_s, follow_redirects=True)
         self._sdk = LabelStudio(
             base_url=settings.url,
             api_key=settings.token(),
             timeout=settings.timeout_s,
             max_retries=settings.max_retries,
-            httpx_client=httpx_client
-            or httpx.Client(timeout=settings.timeout_s, follow_redirects=True),
+            httpx_client=self._http,
         )
         self._users: dict[int, str] = {}
 
     def __repr__(self) -> str:
         return f"LabelStudioClient({self.url!r})"
+
+    def __enter__(self) -> LabelStudioClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP connections (also done by ``with LabelStudioClient(...)``)."""
+        self._http.close()
 
     # -------------------------------------------------------------------------------- projects
 
@@ -130,9 +141,10 @@ class LabelStudioClient:
         Returns ``(project, created)``. Stage-2 projects show predictions to annotators
         (``show_collab_predictions``). Raises :class:`ConfigError` for a stage without a config.
         """
-        for candidate in self._call(
+        candidates: list[Any] = self._call(
             "list projects", lambda: list(self._sdk.projects.list(title=key.title))
-        ):
+        )
+        for candidate in candidates:
             data = _plain(candidate)
             if data.get("title") == key.title and ProjectKey.from_description(
                 data.get("description")
@@ -166,7 +178,9 @@ class LabelStudioClient:
         except ConfigError as err:
             raise AnnotationError(f"project {project_id}: {err}") from None
         created = data.get("created_at")
-        stamp = int(created.timestamp()) if hasattr(created, "timestamp") else 0
+        if isinstance(created, str):
+            created = datetime.fromisoformat(created.replace("Z", "+00:00"))
+        stamp = int(created.timestamp()) if isinstance(created, datetime) else 0
         return Project(id=project_id, key=key, schema=schema, uid=f"{project_id}.{stamp}")
 
     def set_model_version(self, project_id: int, model_version: str) -> None:
@@ -387,7 +401,7 @@ class LabelStudioClient:
         total: int | None = None
         page = 1
         while True:
-            pager = self._call(
+            pager: Any = self._call(
                 f"read page {page} of project {project_id}'s tasks",
                 lambda page=page: self._sdk.tasks.list(
                     project=project_id, page=page, page_size=size, fields="all"

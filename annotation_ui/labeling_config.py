@@ -109,7 +109,9 @@ def parse_labeling_config(xml: str) -> LabelingSchema:
         root = ET.fromstring(xml)
     except ET.ParseError as err:
         raise ConfigError(f"labeling config is not valid XML: {err}") from None
-    images = {el.get("name"): el.get("value", "") for el in root.iter("Image") if el.get("name")}
+    images = {
+        str(el.get("name")): el.get("value", "") for el in root.iter("Image") if el.get("name")
+    }
     brush = next(root.iter("BrushLabels"), None)
     if brush is None or brush.get("name") is None:
         raise ConfigError("labeling config has no named <BrushLabels>; masks need one")

@@ -14,7 +14,7 @@ from annotation_ui.ml_backend.models import (
     StaticModelSource,
 )
 from annotation_ui.ml_backend.predict import BatchOptions
-from annotation_ui.ml_backend.server import build_app, retrain_poster, serve
+from annotation_ui.ml_backend.server import build_app, retrain_poster, running, serve
 
 __all__ = [
     "BackendOptions",
@@ -28,5 +28,6 @@ __all__ = [
     "build_app",
     "create_app",
     "retrain_poster",
+    "running",
     "serve",
 ]

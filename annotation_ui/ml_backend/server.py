@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -12,7 +16,7 @@ from annotation_ui.ml_backend.app import BackendOptions, create_app
 from annotation_ui.ml_backend.models import RegistryModelSource
 from annotation_ui.settings import MlBackendSettings
 
-__all__ = ["build_app", "retrain_poster", "serve"]
+__all__ = ["build_app", "retrain_poster", "running", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +56,34 @@ def serve(settings: MlBackendSettings) -> None:
     import uvicorn
 
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@contextmanager
+def running(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a background thread; yield its base URL; stop on exit.
+
+    ``port=0`` takes a free port. For tests, benchmarks and in-process annotation loops that need
+    a real HTTP server (Label Studio must be able to call it).
+    """
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name=f"ml-backend:{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the ML backend did not start on {host}:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

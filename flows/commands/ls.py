@@ -116,18 +116,19 @@ def setup(
         if key and secret:
             credentials = (key, secret)
     backend_auth = load_settings(MlBackendSettings, root=root).basic_auth if ml_backend else None
-    report = setup_project(
-        LabelStudioClient(settings),
-        ProjectKey(dataset or dataset_id(store), stage, round_),
-        records,
-        classes=[c.strip() for c in classes.split(",") if c.strip()],
-        document_root=settings.document_root,
-        s3=S3Access(ls_s3_endpoint or endpoint_url, None, credentials),
-        ml_backend_url=ml_backend,
-        ml_backend_auth=backend_auth,
-        predictions=predictions,
-        model_version=model_version,
-    )
+    with LabelStudioClient(settings) as client:
+        report = setup_project(
+            client,
+            ProjectKey(dataset or dataset_id(store), stage, round_),
+            records,
+            classes=[c.strip() for c in classes.split(",") if c.strip()],
+            document_root=settings.document_root,
+            s3=S3Access(ls_s3_endpoint or endpoint_url, None, credentials),
+            ml_backend_url=ml_backend,
+            ml_backend_auth=backend_auth,
+            predictions=predictions,
+            model_version=model_version,
+        )
     typer.echo(
         f"project {report.project.id} ({'created' if report.created else 'reused'}): "
         f"{report.tasks_added} tasks added, {report.tasks_present} already there, "
@@ -156,7 +157,8 @@ def pull(
 
     settings = load_settings(LabelStudioSettings, url=url, api_key_file=token_file)
     store = MaskStore(root, endpoint_url=endpoint_url)
-    report = reconcile_project(LabelStudioClient(settings), store, project)
+    with LabelStudioClient(settings) as client:
+        report = reconcile_project(client, store, project)
     typer.echo(
         f"added {report.added}, replaced {report.replaced}, unchanged {report.unchanged}, "
         f"removed {report.removed}, problems {len(report.problems)}"

@@ -1,18 +1,14 @@
-"""Shared pieces of the annotation_ui tests: a tiny real model, served ML backends, images."""
+"""Shared pieces of the annotation_ui tests: a tiny real model, served ML backends, images.
+
+``serve`` (``annotation_ui.ml_backend.running``) runs an app on a free loopback port.
+"""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from storage.export import import_dataset
 from storage.mask_store import ImageRecord, MaskStore
@@ -75,26 +71,3 @@ def box_mask(height: int, width: int, y0: int, y1: int, x0: int, x1: int) -> np.
     mask = np.zeros((1, height, width), dtype=bool)
     mask[0, y0:y1, x0:x1] = True
     return mask
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free loopback port in a thread; yield its base URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the ML backend server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
