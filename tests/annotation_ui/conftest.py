@@ -1,7 +1,4 @@
-"""Shared pieces of the annotation_ui tests: a tiny real model, served ML backends, images.
-
-``serve`` (``annotation_ui.ml_backend.running``) runs an app on a free loopback port.
-"""
+"""Shared pieces of the annotation_ui tests: a tiny real model, registered models, images."""
 
 from __future__ import annotations
 

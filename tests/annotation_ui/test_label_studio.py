@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from annotation_ui.client import LabelStudioClient, Project, ProjectKey
-from annotation_ui.ml_backend import BackendOptions, RegistryModelSource, create_app
+from annotation_ui.ml_backend import BackendOptions, RegistryModelSource, create_app, running
 from annotation_ui.reconcile import reconcile_project
 from annotation_ui.regions import brush_result
 from annotation_ui.settings import LabelStudioSettings
@@ -31,7 +31,6 @@ from tests.annotation_ui.conftest import (
     box_mask,
     register_images,
     register_model,
-    serve,
     write_images,
 )
 from tests.fixtures.label_studio import LabelStudioServer
@@ -90,7 +89,7 @@ def ml_backend(store: MaskStore) -> Iterator[tuple[str, Any]]:
     app = create_app(
         RegistryModelSource(store, "latest"), store, options=BackendOptions(basic_auth=AUTH)
     )
-    with serve(app) as url:
+    with running(app) as url:
         yield url, app.state.backend
 
 

@@ -20,6 +20,7 @@ from annotation_ui.ml_backend import (
     RegistryModelSource,
     StaticModelSource,
     create_app,
+    running,
 )
 from engine.predictor import SamPredictor
 from storage import rle
@@ -27,7 +28,6 @@ from storage.mask_store import ImageRecord, MaskStore
 from tests.annotation_ui.conftest import (
     register_images,
     register_model,
-    serve,
     write_images,
 )
 
@@ -37,7 +37,7 @@ CONFIG = labeling_config(1)
 @contextmanager
 def TestClient(app: FastAPI) -> Iterator[httpx.Client]:
     """An HTTP client on ``app`` served for real on loopback (lifespan included)."""
-    with serve(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         yield client
 
 
