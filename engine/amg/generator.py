@@ -240,6 +240,9 @@ class AutomaticMaskGenerator:
             pixels), ``stability_score``, ``crop_box`` (XYWH, pixels).
         """
         _check_image(image)
+        if not image.flags.writeable:
+            # Decoded images can be read-only views; torch warns when wrapping those.
+            image = image.copy()
         masks = self.generate_masks(image, image_id=image_id, embeddings=embeddings)
         return self._records(masks)
 
