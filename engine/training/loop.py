@@ -174,7 +174,7 @@ def train(
         model.image_encoder.requires_grad_(False)
         model.image_encoder.eval()  # frozen: its norm layers use no batch statistics anyway
     optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
+        param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, fused=True
     )
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
@@ -182,6 +182,7 @@ def train(
     result = TrainResult(step=start_step, train_s=0.0, samples=0)
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, unit="step")
     step = start_step
+    saved_step: int | None = None
     try:
         while _keep_going(step, result.train_s, config, budget_s):
             t0 = time.perf_counter()
@@ -210,16 +211,7 @@ def train(
                 freeze_image_encoder=config.freeze_image_encoder,
             )
             if not torch.isfinite(sim.loss):
-                _stop_on_nan(
-                    model,
-                    optimizer,
-                    step,
-                    "loss",
-                    sim.loss,
-                    checkpoint_uri,
-                    checkpoint_meta,
-                    config,
-                )
+                _stop_on_nan("loss", sim.loss, step, checkpoint_uri, saved_step)
             optimizer.zero_grad(set_to_none=True)
             sim.loss.backward()
             trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -230,16 +222,7 @@ def train(
                     torch.stack([p.grad.norm() for p in trainable if p.grad is not None])
                 )
             if not torch.isfinite(norm):
-                _stop_on_nan(
-                    model,
-                    optimizer,
-                    step,
-                    "gradient norm",
-                    norm,
-                    checkpoint_uri,
-                    checkpoint_meta,
-                    config,
-                )
+                _stop_on_nan("gradient norm", norm, step, checkpoint_uri, saved_step)
             optimizer.step()
             step += 1
 
@@ -266,6 +249,7 @@ def train(
             )
             if checkpoint_uri and config.checkpoint_every and step % config.checkpoint_every == 0:
                 _save(model, optimizer, step, checkpoint_uri, checkpoint_meta, config)
+                saved_step = step
             if on_step is not None:
                 on_step(log)
     finally:
@@ -358,21 +342,16 @@ def _save(
 
 
 def _stop_on_nan(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    what: str,
-    value: torch.Tensor,
-    uri: str | None,
-    meta: dict[str, Any] | None,
-    config: TrainConfig,
+    what: str, value: torch.Tensor, step: int, uri: str | None, saved: int | None
 ) -> None:
-    # The optimizer has not applied this step yet, so the weights are still the last good ones.
-    kept = ""
-    if uri:
-        _save(model, optimizer, step, uri, meta, config)
-        kept = f"; the last good weights (step {step}) are saved at {uri}"
+    # Nothing is saved here: the checkpoint at `uri` stays the last good one written.
+    if uri and saved is not None:
+        kept = f"; the last good checkpoint (step {saved}) is kept at {uri}"
+    elif uri:
+        kept = f"; no checkpoint was written to {uri} before it (checkpoint_every is too large)"
+    else:
+        kept = ""
     raise TrainingError(
-        f"training stopped at step {step}: the {what} is {float(value)}{kept}; "
+        f"training stopped at step {step}: the {what} is {float(value.detach())}{kept}; "
         "lower the learning rate or check the data"
     )
