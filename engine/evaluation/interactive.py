@@ -108,6 +108,8 @@ class _ImageSession:
         self.model = model
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
         self.transform = ResizeLongestSide(model.img_size)
+        if not image.flags.writeable:  # store images are read-only; torch warns on those
+            image = image.copy()
         resized = self.transform.apply_image(image)
         self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
         pixels = torch.as_tensor(resized, device=model.device).permute(2, 0, 1).float()

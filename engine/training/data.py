@@ -123,7 +123,8 @@ def augment(
     ch, cw = mask_t.shape[1:]
     padded = torch.zeros((mask_t.shape[0], img_size, img_size), dtype=torch.bool)
     padded[:, :ch, :cw] = mask_t
-    pixels = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    # np.array(..., float32) copies: the input may be a read-only store image.
+    pixels = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1)
     return TrainSample(image=pixels, masks=padded)
 
 

@@ -80,6 +80,13 @@ def train(
     holdout_limit: Annotated[
         int | None, typer.Option("--holdout-limit", help="Evaluate on at most N holdout images.")
     ] = None,
+    eval_clicks: Annotated[
+        int, typer.Option("--eval-clicks", help="Click budget of the holdout evaluation.")
+    ] = 20,
+    image_size: Annotated[
+        int | None,
+        typer.Option("--image-size", help="Input side in pixels of a model built from scratch."),
+    ] = None,
     endpoint_url: Annotated[str | None, _ENDPOINT] = None,
 ) -> None:
     """Train a model on the store's pool masks and register it as a new version.
@@ -99,7 +106,7 @@ def train(
         raise ConfigError("give --steps or --minutes, not both")
     store = MaskStore(root, endpoint_url=endpoint_url)
     registry = ModelRegistry(store)
-    model, parent, meta = _parent_model(registry, from_, variant, endpoint_url)
+    model, parent, meta = _parent_model(registry, from_, variant, image_size, endpoint_url)
     if resume and (meta is None or meta.step is None):
         raise ConfigError("--resume needs --from a checkpoint written by a training run")
     data = StoreTrainingData(store, model.img_size, stages=stage, rounds=round_, sources=source)
@@ -132,10 +139,12 @@ def train(
     )
     metrics = parent_metrics = None
     if store.count_masks(split="holdout") > 0:
-        metrics = _evaluate(model, _store_samples(store, holdout_limit))
+        metrics = _evaluate(model, _store_samples(store, holdout_limit), max_clicks=eval_clicks)
         if parent is not None:
             parent_model = _load(registry, parent, endpoint_url)
-            parent_metrics = _evaluate(parent_model, _store_samples(store, holdout_limit))
+            parent_metrics = _evaluate(
+                parent_model, _store_samples(store, holdout_limit), max_clicks=eval_clicks
+            )
     else:
         typer.secho("no holdout masks in the store: the new version is not evaluated", err=True)
     card = registry.register(
@@ -201,17 +210,25 @@ def eval_(
 
 
 def _parent_model(
-    registry: Any, from_: str | None, variant: str | None, endpoint_url: str | None
+    registry: Any,
+    from_: str | None,
+    variant: str | None,
+    image_size: int | None,
+    endpoint_url: str | None,
 ) -> tuple[Any, str | None, Any]:
     """(model to train, parent name or None, checkpoint meta or None) for ``--from``."""
     from engine.build_sam import build_sam
     from engine.checkpoint import load_checkpoint
+    from storage.errors import ConfigError
 
     if from_ is None:
         latest = registry.latest()
         from_ = latest.version if latest is not None else "scratch"
     if from_ == "scratch":
-        return build_sam(variant or "tiny"), None, None
+        overrides = {"image_size": image_size} if image_size else {}
+        return build_sam(variant or "tiny", **overrides), None, None
+    if image_size:
+        raise ConfigError("--image-size applies to a model built from scratch (--from scratch)")
     if from_ == "latest" or _is_version(from_):
         card = registry.resolve(from_)
         uri = registry.checkpoint_uri(card.version)

@@ -1,0 +1,178 @@
+"""Train ``tiny`` from scratch on synthetic scenes for a wall-clock budget; evaluate every minute.
+
+The question it answers: how good does the engine's own model get, from random weights, in ten
+minutes on a 2-core CPU? Targets after 10 minutes: mIoU@1 >= 0.75 and NoC@90 <= 5 on synthetic
+holdout scenes the model never saw (a fixed seed apart from the training stream).
+
+Training time only counts the training steps; the evaluations in between are timed separately.
+Prints one row per evaluation (minute, steps, samples/s, loss, metrics) and writes
+``bench_train.json`` to ``--out``. Uses CUDA when available (then the targets do not apply).
+
+    python -m benchmarks.bench_train --out bench-results            # 10 minutes
+    python -m benchmarks.bench_train --out bench-results --quick    # 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+#: Seed of the holdout scenes (training scenes come from TrainConfig.seed streams).
+HOLDOUT_SEED = 1_000_003
+TARGETS = {"miou_1click": 0.75, "noc90": 5.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="folder for bench_train.json")
+    parser.add_argument("--quick", action="store_true", help="1 minute, small holdout")
+    parser.add_argument("--minutes", type=float, default=None, help="training budget (10)")
+    parser.add_argument("--eval-every", type=float, default=1.0, help="minutes between evals")
+    parser.add_argument("--holdout", type=int, default=None, help="holdout images (40)")
+    parser.add_argument("--images-per-step", type=int, default=2)
+    parser.add_argument("--masks-per-image", type=int, default=8)
+    parser.add_argument("--num-rounds", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from engine.build_sam import build_sam
+    from engine.evaluation import evaluate_interactive, synthetic_holdout
+    from engine.training import StepLog, SyntheticTrainingData, TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 10.0)
+    n_holdout = args.holdout if args.holdout is not None else (10 if args.quick else 40)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(args.seed)
+    model = build_sam("tiny", device=device)
+    holdout = list(synthetic_holdout(n_holdout, seed=HOLDOUT_SEED, size=(256, 256)))
+    config = TrainConfig(
+        steps=None,
+        minutes=minutes,
+        images_per_step=args.images_per_step,
+        masks_per_image=args.masks_per_image,
+        num_rounds=args.num_rounds,
+        no_point_rounds=min(2, args.num_rounds - 1),
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+    )
+    rows: list[dict[str, Any]] = []
+    state = {"next_eval_s": args.eval_every * 60, "last_step": 0, "last_s": 0.0, "samples": 0}
+
+    def evaluate(log: StepLog | None) -> None:
+        t0 = time.perf_counter()
+        metrics = evaluate_interactive(model, holdout)
+        model.train()
+        steps = log.step if log else 0
+        train_s = log.train_s if log else 0.0
+        window_s = max(1e-9, train_s - state["last_s"])
+        rows.append(
+            {
+                "minute": round(train_s / 60, 2),
+                "steps": steps,
+                "steps_per_s": (steps - state["last_step"]) / window_s,
+                "samples_per_s": state["samples"] / window_s,
+                "loss": log.loss if log else float("nan"),
+                "eval_s": time.perf_counter() - t0,
+                **metrics.to_dict(),
+            }
+        )
+        state.update(last_step=steps, last_s=train_s, samples=0)
+        _print_row(rows[-1], header=len(rows) == 1)
+
+    def on_step(log: StepLog) -> None:
+        state["samples"] += log.masks
+        if log.train_s >= state["next_eval_s"]:
+            evaluate(log)
+            state["next_eval_s"] += args.eval_every * 60
+
+    print(
+        f"bench_train: tiny from scratch, {minutes:g} min on {device} "
+        f"({torch.get_num_threads()} threads), holdout {n_holdout} scenes; {config}",
+        flush=True,
+    )
+    load_before = _load_average()
+    result = train(
+        model, SyntheticTrainingData(model.img_size), config, on_step=on_step, progress=False
+    )
+    if not rows or rows[-1]["steps"] != result.step:
+        evaluate(result.history[-1] if result.history else None)
+    final = rows[-1]
+    passed = {
+        k: (final[k] >= v if k.startswith("miou") else final[k] <= v) for k, v in TARGETS.items()
+    }
+    report = {
+        "benchmark": "bench_train",
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
+        "minutes": minutes,
+        "holdout_images": n_holdout,
+        "holdout_seed": HOLDOUT_SEED,
+        "config": config.to_dict(),
+        "steps": result.step,
+        "train_s": result.train_s,
+        "samples_per_s": result.samples_per_s,
+        "rows": rows,
+        "final": {
+            k: final[k] for k in ("miou_1click", "miou_5click", "noc85", "noc90", "box_miou")
+        },
+        "targets": TARGETS,
+        "targets_met": passed,
+    }
+    print(
+        f"final after {result.train_s / 60:.1f} min, {result.step} steps: "
+        + ", ".join(
+            f"{k} {final[k]:.3f} (target {v}: {'met' if passed[k] else 'MISSED'})"
+            for k, v in TARGETS.items()
+        ),
+        flush=True,
+    )
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_train.json").write_text(json.dumps(report, indent=1))
+        print(f"wrote {out / 'bench_train.json'}")
+    return 0
+
+
+def _print_row(row: dict[str, Any], *, header: bool) -> None:
+    if header:
+        print(
+            f"{'min':>5} {'steps':>6} {'steps/s':>8} {'samples/s':>9} {'loss':>7} "
+            f"{'mIoU@1':>7} {'mIoU@5':>7} {'NoC85':>6} {'NoC90':>6} {'boxIoU':>7} {'eval s':>7}"
+        )
+    print(
+        f"{row['minute']:>5.1f} {row['steps']:>6d} {row['steps_per_s']:>8.2f} "
+        f"{row['samples_per_s']:>9.1f} {row['loss']:>7.3f} {row['miou_1click']:>7.3f} "
+        f"{row['miou_5click']:>7.3f} {row['noc85']:>6.2f} {row['noc90']:>6.2f} "
+        f"{row['box_miou']:>7.3f} {row['eval_s']:>7.1f}",
+        flush=True,
+    )
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
