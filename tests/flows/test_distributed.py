@@ -40,7 +40,7 @@ from storage.errors import ConfigError
 from storage.images import image_id_for, sha256_hex
 from storage.mask_store import ImageRecord, MaskStore
 
-N_IMAGES = 8
+N_IMAGES = 6
 SHARD_SIZE = 2
 SIZE = (96, 96)
 # A random tiny model gives heavily overlapping masks: with no gates and no NMS it still gives
@@ -132,10 +132,14 @@ def _masks(root: str) -> dict[str, tuple]:
 
 @pytest.fixture(scope="module")
 def prefect_api() -> Iterator[None]:
+    """A temporary Prefect server; the DaskTaskRunner's tasks report to it from the workers."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
-        yield
+    with pytest.MonkeyPatch.context() as env:
+        # The server's telemetry job only adds "database is locked" noise on a busy machine.
+        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with prefect_test_harness(server_startup_timeout=180):  # a busy 2-core machine
+            yield
 
 
 @pytest.fixture(scope="module")
