@@ -107,31 +107,45 @@ class LabelStudioConfig(_Section):
     dataset: str = Field("engine", description="dataset name in project titles")
 
 
+class TrainingBudget(_Section):
+    """How one training run is sized: ``steps`` and/or ``minutes`` of training time.
+
+    With both, training stops at whichever comes first; the learning-rate schedule follows the
+    minutes when they are set.
+    """
+
+    steps: int | None = Field(None, ge=1)
+    minutes: float | None = Field(0.5, gt=0)
+    images_per_step: int = Field(2, ge=1, description="images encoded per step")
+    masks_per_image: int = Field(8, ge=1, description="masks simulated per image per step")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    warmup_steps: int = Field(5, ge=0)
+    num_rounds: int = Field(11, ge=1, description="interactive rounds per mask (SAM: 11)")
+    no_point_rounds: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> TrainingBudget:
+        if self.steps is None and self.minutes is None:
+            raise ValueError("give steps or minutes (or both)")
+        if self.no_point_rounds >= self.num_rounds:
+            raise ValueError("no_point_rounds must be smaller than num_rounds")
+        return self
+
+
+def _pretrain_budget() -> TrainingBudget:
+    return TrainingBudget(minutes=3.0, lr=8e-4, warmup_steps=50)
+
+
 class ModelConfig(_Section):
-    """The model the engine starts from."""
+    """The model the engine starts from: an existing checkpoint, or ``variant`` pretrained on
+    synthetic scenes (a seed stream apart from the pool's and the holdout's) as the first
+    version."""
 
     variant: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "tiny"
     checkpoint: str | None = Field(
         None, description="start from this checkpoint (local or s3://) instead of pretraining"
     )
-    pretrain_steps: int | None = Field(
-        None, ge=1, description="steps of version-0 pretraining on synthetic scenes"
-    )
-    pretrain_minutes: float = Field(
-        3.0, gt=0, description="wall-clock minutes of version-0 pretraining (if no steps)"
-    )
-    pretrain_images: int = Field(
-        64, ge=1, description="synthetic scenes for pretraining (a seed apart from pool/holdout)"
-    )
-
-
-class TrainingBudget(_Section):
-    """How long one retrain runs: ``steps`` when given, else ``minutes`` of wall clock."""
-
-    steps: int | None = Field(None, ge=1)
-    minutes: float = Field(0.5, gt=0)
-    batch_size: int = Field(4, ge=1, description="masks per step")
-    learning_rate: float = Field(1e-4, gt=0)
+    pretrain: TrainingBudget = Field(default_factory=_pretrain_budget)
 
 
 class AnnotatorConfig(_Section):
@@ -140,8 +154,9 @@ class AnnotatorConfig(_Section):
     Simulated seconds per mask = ``seconds_per_object`` (find the object, decide, check) +
     ``seconds_per_click`` x clicks + ``brush_seconds`` when the click budget ran out and the
     rest was painted by hand. An accepted stage-2 prediction costs ``accept_seconds``, a deleted
-    one ``reject_seconds``. A person spends at most ``image_budget_s`` on one image and labels
-    objects in order of prominence (largest first), so a better model means more masks per image.
+    one ``reject_seconds``. A person spends at most ``image_budget_s`` on one image, labels
+    objects in order of prominence (largest first) and moves to the next image after a mask that
+    took over ``move_on_after_s``, so a better model means more masks per image.
     """
 
     kind: Literal["simulated", "label_studio"] = "simulated"
@@ -153,6 +168,9 @@ class AnnotatorConfig(_Section):
     accept_seconds: float = Field(1.5, ge=0)
     reject_seconds: float = Field(1.0, ge=0)
     image_budget_s: float = Field(90.0, gt=0)
+    move_on_after_s: float = Field(
+        30.0, gt=0, description="next image after a mask that took longer (SA-1B's rule)"
+    )
     name: str = Field("simulated", description="annotator name stored with each mask")
 
 
@@ -190,10 +208,17 @@ class Stage3Config(_StageBase):
 
 
 class EvaluationConfig(_Section):
-    """The holdout protocol: clicks per object and a cap on objects per image."""
+    """The holdout protocol and the promotion rule.
+
+    A new version is promoted (used by the next round) when it is not worse than its parent on
+    any headline metric by more than the tolerances: ``miou_tolerance`` in IoU for mIoU@1,
+    mIoU@5 and box mIoU, ``noc_tolerance`` in clicks for NoC@85 and NoC@90.
+    """
 
     max_clicks: int = Field(10, ge=5, le=20)
     max_objects_per_image: int | None = Field(None, ge=1)
+    miou_tolerance: float = Field(0.01, ge=0, le=1)
+    noc_tolerance: float = Field(0.25, ge=0)
 
 
 class EngineConfig(_Section):

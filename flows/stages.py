@@ -1,0 +1,141 @@
+"""The three stages of SAM's data engine as Prefect flows, and the typed reports they return.
+
+Every stage runs rounds of the same loop (the paper's: 6 retrains in stage 1, 5 in stage 2)::
+
+    take the round's images from the pool
+    get masks            stage 1: people click, the model answers
+                         stage 2: the generator pre-labels at a high gate, people fix and add
+                         stage 3: the generator alone
+    commit them          one atomic write through the MaskStore
+    retrain              from the current version on every pool mask so far, scored on the holdout
+    promote              if not worse than its parent; the next round uses the promoted version
+
+A stage flow run on its own (``data-engine stage N``) starts from the newest promoted version,
+or makes the base version when the registry is empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel
+
+from flows.config import EngineConfig
+from flows.tasks import (
+    annotate_round,
+    base_model,
+    check_label_studio,
+    commit_masks,
+    current_version,
+    generate_masks,
+    prepare_dataset,
+    promote_model,
+    record_round,
+    register_source,
+    retrain_model,
+    round_image_ids,
+)
+
+__all__ = [
+    "RoundReport",
+    "StageReport",
+    "stage1_assisted_manual",
+    "stage2_semi_automatic",
+    "stage3_fully_automatic",
+]
+
+
+class RoundReport(BaseModel):
+    """What one round did."""
+
+    stage: int
+    round: int
+    image_ids: list[str]
+    masks: int
+    masks_new: int
+    commit_sequence: int
+    model_version: str
+    trained_version: str
+    promoted: bool
+    metrics: dict[str, Any] | None
+    next_version: str
+
+
+class StageReport(BaseModel):
+    """What one stage did: its rounds, and the version it started from and ended with."""
+
+    stage: int
+    start_version: str
+    final_version: str
+    rounds: list[RoundReport]
+
+    @property
+    def masks(self) -> int:
+        return sum(r.masks for r in self.rounds)
+
+
+@flow(name="stage1-assisted-manual")
+def stage1_assisted_manual(config: EngineConfig, start_version: str | None = None) -> StageReport:
+    """Stage 1: annotators click foreground/background points; the model answers each click."""
+    return _run_stage(config, 1, start_version)
+
+
+@flow(name="stage2-semi-automatic")
+def stage2_semi_automatic(config: EngineConfig, start_version: str | None = None) -> StageReport:
+    """Stage 2: images come pre-filled with confident masks; annotators fix and add the rest."""
+    return _run_stage(config, 2, start_version)
+
+
+@flow(name="stage3-fully-automatic")
+def stage3_fully_automatic(config: EngineConfig, start_version: str | None = None) -> StageReport:
+    """Stage 3: the automatic mask generator labels the images alone."""
+    return _run_stage(config, 3, start_version)
+
+
+def _run_stage(config: EngineConfig, stage: int, start_version: str | None) -> StageReport:
+    if stage in (1, 2) and config.annotator.kind == "label_studio":
+        check_label_studio(config)
+    dataset = prepare_dataset(config)
+    register_source(config, dataset)
+    version = start_version or current_version(config) or base_model(config, dataset)
+    start = version
+    rounds: list[RoundReport] = []
+    for r in range(config.stage(stage).rounds):
+        report = _run_round(config, dataset, stage, r, version)
+        rounds.append(report)
+        version = report.next_version
+    return StageReport(stage=stage, start_version=start, final_version=version, rounds=rounds)
+
+
+def _run_round(
+    config: EngineConfig, dataset: str, stage: int, round: int, version: str
+) -> RoundReport:
+    image_ids = round_image_ids(config, stage, round)
+    if stage == 3:
+        masks = generate_masks(config, dataset, version, image_ids, stage, round)
+    else:
+        predictions = (
+            generate_masks(config, dataset, version, image_ids, stage, round)
+            if stage == 2
+            else None
+        )
+        masks = annotate_round(config, dataset, version, image_ids, stage, round, predictions)
+    commit = commit_masks(config, masks, stage, round)
+    trained = retrain_model(config, dataset, version, stage, round)
+    promoted = promote_model(config, trained["version"])
+    report = RoundReport(
+        stage=stage,
+        round=round,
+        image_ids=image_ids,
+        masks=len(masks),
+        masks_new=int(commit["masks"]),
+        commit_sequence=int(commit["sequence"]),
+        model_version=version,
+        trained_version=trained["version"],
+        promoted=promoted,
+        metrics=trained["metrics"],
+        next_version=trained["version"] if promoted else version,
+    )
+    record_round(config, report.model_dump())
+    return report

@@ -1,0 +1,293 @@
+"""The engine's Prefect tasks: each wraps one library call and takes small, hashable inputs.
+
+Retries go only on tasks doing storage or Label Studio I/O. Caching (``INPUTS + TASK_SOURCE``,
+persisted results) goes on the costly deterministic steps: preparing the source, generating a
+round's masks, annotating a round, training a version. Their inputs carry ``dataset``, the id
+minted once per storage root, so a fresh root never reuses another root's results; a run resumed
+after a crash gets the finished steps back from the cache, and the store's deterministic mask
+ids make every commit of an already committed round a no-op.
+
+Tasks pass ids (image ids, version names) rather than images or models, so cache keys stay
+cheap and every task reads what it needs from the store.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+
+from flows.config import EngineConfig
+
+if TYPE_CHECKING:
+    from engine.registry import ModelRegistry
+    from storage.mask_store import MaskRecord, MaskStore
+
+__all__ = [
+    "annotate_round",
+    "base_model",
+    "check_label_studio",
+    "commit_masks",
+    "current_version",
+    "generate_masks",
+    "prepare_dataset",
+    "promote_model",
+    "record_round",
+    "register_source",
+    "retrain_model",
+    "round_image_ids",
+]
+
+_CACHED = INPUTS + TASK_SOURCE
+_IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+
+
+@lru_cache(maxsize=8)
+def _open_store(root: str, endpoint_url: str | None) -> MaskStore:
+    from storage.mask_store import MaskStore
+
+    return MaskStore(root, endpoint_url=endpoint_url)
+
+
+def store_for(config: EngineConfig) -> MaskStore:
+    """The process's ``MaskStore`` for ``config.root`` (one per root, reused by every task)."""
+    return _open_store(config.root, config.endpoint_url)
+
+
+def registry_for(config: EngineConfig) -> ModelRegistry:
+    """The model registry next to the masks of ``config.root``."""
+    from engine.registry import ModelRegistry
+
+    return ModelRegistry(store_for(config))
+
+
+# --- set-up ------------------------------------------------------------------------------------
+
+
+@task(name="check-label-studio", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def check_label_studio(config: EngineConfig) -> str:
+    """Fail fast, naming the URL, when the configured Label Studio does not answer."""
+    from flows.annotators.factory import label_studio_annotator
+
+    user = label_studio_annotator(config, store_for(config)).check_reachable()
+    get_run_logger().info("Label Studio at %s answers (user %s)", config.label_studio.url, user)
+    return user
+
+
+@task(name="prepare-dataset", cache_policy=NO_CACHE, **_IO_RETRIES)
+def prepare_dataset(config: EngineConfig) -> str:
+    """The storage root's dataset id (minted on first use)."""
+    from flows.sources import dataset_id
+
+    return dataset_id(store_for(config))
+
+
+@task(name="register-source", cache_policy=_CACHED, persist_result=True, **_IO_RETRIES)
+def register_source(config: EngineConfig, dataset: str) -> dict[str, Any]:
+    """Register the configured images (and holdout truth) in the store; idempotent."""
+    from dataclasses import asdict
+
+    from flows.sources import prepare_source
+
+    summary = prepare_source(store_for(config), config)
+    get_run_logger().info("image source ready: %s", summary)
+    return asdict(summary)
+
+
+@task(name="round-images", cache_policy=NO_CACHE, **_IO_RETRIES)
+def round_image_ids(config: EngineConfig, stage: int, round: int) -> list[str]:
+    """The ids of the pool images that (stage, round) works on."""
+    from flows.sources import round_images
+
+    return [r.image_id for r in round_images(store_for(config), config, stage, round)]
+
+
+# --- model versions ----------------------------------------------------------------------------
+
+
+@task(name="base-model", cache_policy=_CACHED, persist_result=True)
+def base_model(config: EngineConfig, dataset: str) -> str:
+    """The engine's first version (pretrained or imported), evaluated and promoted."""
+    from flows.sources import holdout_samples
+    from flows.versions import VersionTags, base_version
+
+    store = store_for(config)
+    card = base_version(
+        store,
+        registry_for(config),
+        variant=config.model.variant,
+        checkpoint=config.model.checkpoint,
+        budget=config.model.pretrain,
+        seed=config.seed,
+        tags=VersionTags(config.run_name, dataset, "base"),
+        holdout=holdout_samples(
+            store, max_objects_per_image=config.evaluation.max_objects_per_image
+        ),
+        max_clicks=config.evaluation.max_clicks,
+    )
+    get_run_logger().info("base model %s: %s", card.version, card.metrics)
+    return card.version
+
+
+@task(name="current-version", cache_policy=NO_CACHE, **_IO_RETRIES)
+def current_version(config: EngineConfig) -> str | None:
+    """The newest promoted version in the registry, or None."""
+    card = registry_for(config).latest()
+    return card.version if card is not None else None
+
+
+@task(name="retrain-model", cache_policy=_CACHED, persist_result=True)
+def retrain_model(
+    config: EngineConfig, dataset: str, parent: str, stage: int, round: int
+) -> dict[str, Any]:
+    """Retrain ``parent`` on every pool mask, score it on the holdout, register it."""
+    from flows.sources import holdout_samples
+    from flows.versions import VersionTags, retrain_version
+
+    store = store_for(config)
+    card = retrain_version(
+        store,
+        registry_for(config),
+        parent=parent,
+        budget=config.stage(stage).train,
+        seed=config.seed,
+        tags=VersionTags(config.run_name, dataset, "retrain", stage, round),
+        holdout=holdout_samples(
+            store, max_objects_per_image=config.evaluation.max_objects_per_image
+        ),
+        max_clicks=config.evaluation.max_clicks,
+    )
+    get_run_logger().info(
+        "stage %d round %d: %s (from %s) trained %d steps, holdout %s",
+        stage,
+        round,
+        card.version,
+        parent,
+        card.steps,
+        card.metrics,
+    )
+    return {"version": card.version, "metrics": card.metrics, "steps": card.steps}
+
+
+@task(name="promote-model", cache_policy=NO_CACHE, **_IO_RETRIES)
+def promote_model(config: EngineConfig, version: str) -> bool:
+    """Promote ``version`` if it is not worse than its parent; returns the decision."""
+    from flows.versions import promote_version
+
+    card = promote_version(
+        registry_for(config),
+        version,
+        miou_tolerance=config.evaluation.miou_tolerance,
+        noc_tolerance=config.evaluation.noc_tolerance,
+    )
+    get_run_logger().info("%s: %s", version, (card.promotion or {}).get("reason"))
+    return card.promoted
+
+
+# --- masks -------------------------------------------------------------------------------------
+
+
+@task(name="generate-masks", cache_policy=_CACHED, persist_result=True)
+def generate_masks(
+    config: EngineConfig,
+    dataset: str,
+    version: str,
+    image_ids: list[str],
+    stage: int,
+    round: int,
+) -> list[MaskRecord]:
+    """The generator's masks on the round's images (stage 2: pre-labels; stage 3: auto)."""
+    from flows.generation import GeneratorSettings, generate_records
+
+    section = config.stage(stage)
+    settings = GeneratorSettings(
+        points_per_side=section.points_per_side,  # type: ignore[union-attr]
+        pred_iou_thresh=section.pred_iou_thresh,  # type: ignore[union-attr]
+        stability_score_thresh=section.stability_score_thresh,  # type: ignore[union-attr]
+        crop_n_layers=getattr(section, "crop_n_layers", 0),
+        min_mask_region_area=getattr(section, "min_mask_region_area", 0),
+        max_mask_region_fraction=getattr(section, "max_mask_region_fraction", 0.95),
+    )
+    records = generate_records(
+        store_for(config),
+        registry_for(config).load(version),
+        image_ids,
+        settings=settings,
+        stage=stage,
+        round=round,
+        run_id=config.run_name,
+        model_version=version,
+        source="auto" if stage == 3 else "model",
+    )
+    get_run_logger().info(
+        "stage %d round %d: %d masks generated on %d images by %s",
+        stage,
+        round,
+        len(records),
+        len(image_ids),
+        version,
+    )
+    return records
+
+
+@task(name="annotate-round", cache_policy=_CACHED, persist_result=True, **_IO_RETRIES)
+def annotate_round(
+    config: EngineConfig,
+    dataset: str,
+    version: str,
+    image_ids: list[str],
+    stage: int,
+    round: int,
+    predictions: list[MaskRecord] | None = None,
+) -> list[MaskRecord]:
+    """The annotator's masks for the round's images, helped by ``version``."""
+    from flows.annotators.factory import make_annotator
+
+    store = store_for(config)
+    by_image: dict[str, list[MaskRecord]] = {}
+    for record in predictions or []:
+        by_image.setdefault(record.image_id, []).append(record)
+    images = [store.get_image(i) for i in image_ids]
+    records = make_annotator(config, store).annotate(
+        images,
+        registry_for(config).load(version),
+        stage=stage,
+        round=round,
+        run_id=config.run_name,
+        model_version=version,
+        predictions=by_image if predictions is not None else None,
+    )
+    get_run_logger().info(
+        "stage %d round %d: %d masks annotated on %d images",
+        stage,
+        round,
+        len(records),
+        len(images),
+    )
+    return records
+
+
+@task(name="commit-masks", cache_policy=NO_CACHE, **_IO_RETRIES)
+def commit_masks(
+    config: EngineConfig, records: list[MaskRecord], stage: int, round: int
+) -> dict[str, Any]:
+    """Write the round's masks in one atomic commit (a retried or repeated one adds nothing)."""
+    info = store_for(config).write_masks(records, stage=stage, round=round, run_id=config.run_name)
+    get_run_logger().info(
+        "stage %d round %d: commit %d, %s", stage, round, info.sequence, info.counts
+    )
+    return {"sequence": info.sequence, **info.counts}
+
+
+@task(name="record-round", cache_policy=NO_CACHE, **_IO_RETRIES)
+def record_round(config: EngineConfig, manifest: dict[str, Any]) -> str:
+    """Store the round's manifest (images, commit, versions) next to the data; returns its key."""
+    import json
+
+    from flows.report.summary import round_manifest_key
+
+    key = round_manifest_key(config.run_name, int(manifest["stage"]), int(manifest["round"]))
+    store_for(config).put_object(key, json.dumps(manifest, sort_keys=True).encode("utf-8"))
+    return key
