@@ -86,7 +86,7 @@ class SamPredictor:
         input_image = self.model.preprocess(transformed_image.to(self.device, torch.float32))
         with self._autocast():
             features = self.model.image_encoder(input_image)
-        self.features = features.float()
+        self.features = _token_major(features.float())
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (int(shape[2]), int(shape[3]))
         self.is_image_set = True
@@ -110,7 +110,7 @@ class SamPredictor:
         if h <= 0 or w <= 0:
             raise ImageError(f"original_size must be two positive ints (H, W), got {original_size}")
         self.reset_image()
-        self.features = embedding.to(self.device, torch.float32)
+        self.features = _token_major(embedding.to(self.device, torch.float32))
         self.original_size = (h, w)
         self.input_size = self.transform.get_preprocess_shape(h, w, self.model.img_size)
         self.is_image_set = True
@@ -262,6 +262,12 @@ class SamPredictor:
             return
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
             yield
+
+
+def _token_major(embedding: torch.Tensor) -> torch.Tensor:
+    """The same ``(1, C, h, w)`` values stored channels-last, the layout the decoder's
+    transformer reads them in (as ``h * w`` tokens of C), so no click pays for a transpose."""
+    return embedding.contiguous(memory_format=torch.channels_last)
 
 
 def _check_image(image: object) -> None:

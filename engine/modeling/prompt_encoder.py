@@ -69,10 +69,27 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        self._dense_pe: torch.Tensor | None = None
+        self._dense_pe_key: tuple[object, ...] | None = None
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of every embedding-grid cell centre: ``(1, embed_dim, h, w)``."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of every embedding-grid cell centre: ``(1, embed_dim, h, w)``.
+
+        Cached: it depends only on the (fixed, non-trained) Gaussian matrix, and recomputing
+        sin/cos over the whole grid is a noticeable part of a click on CPU. The cache is keyed on
+        the matrix's storage and version counter, so loading a state dict invalidates it.
+        """
+        gaussian = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (gaussian.device, gaussian.data_ptr(), gaussian._version)
+        if self._dense_pe_key != key or self._dense_pe is None:
+            # A normal tensor even when first asked for under inference_mode, so a later
+            # training step may use it.
+            with torch.inference_mode(False), torch.no_grad():
+                dense_pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+                # Channels-last: the decoder reads it as h * w tokens of C without a copy.
+                self._dense_pe = dense_pe.contiguous(memory_format=torch.channels_last)
+            self._dense_pe_key = key
+        return self._dense_pe
 
     def embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """``(B, N, 2)`` xy pixels + ``(B, N)`` labels -> ``(B, N (+1 if pad), embed_dim)``."""

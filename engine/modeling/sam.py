@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -128,17 +130,25 @@ class Sam(nn.Module):
         original_size: Sequence[int],
     ) -> torch.Tensor:
         """Upscale ``(B, M, h, w)`` logits to the padded input, drop the padding, resize to the
-        original image: returns ``(B, M, H0, W0)`` logits.
+        original image: returns ``(B, M, H0, W0)`` float32 logits.
+
+        Both resizes are bilinear with half-pixel centres (``align_corners=False``). On the CPU
+        without autograd they run through OpenCV, which samples the same grid and agrees with
+        ``F.interpolate`` to float rounding (~1e-5 relative) but is several times faster: at
+        SA-1B image sizes this step would otherwise dominate a click.
 
         Args:
             input_size: ``(H, W)`` of the resized image before padding, pixels.
             original_size: ``(H0, W0)`` of the original image, pixels.
         """
-        masks = F.interpolate(
-            masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False
-        )
-        masks = masks[..., : int(input_size[0]), : int(input_size[1])]
+        input_hw = (int(input_size[0]), int(input_size[1]))
         size = (int(original_size[0]), int(original_size[1]))
+        if masks.device.type == "cpu" and not (torch.is_grad_enabled() and masks.requires_grad):
+            return _postprocess_cv2(masks, self.img_size, input_hw, size)
+        masks = F.interpolate(
+            masks.float(), (self.img_size, self.img_size), mode="bilinear", align_corners=False
+        )
+        masks = masks[..., : input_hw[0], : input_hw[1]]
         return F.interpolate(masks, size, mode="bilinear", align_corners=False)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,3 +157,27 @@ class Sam(nn.Module):
         x = (x - self.pixel_mean) / self.pixel_std
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+
+def _postprocess_cv2(
+    masks: torch.Tensor, img_size: int, input_hw: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """:meth:`Sam.postprocess_masks` for CPU tensors, one ``cv2.resize`` pair per mask."""
+    low_res = masks.detach().float().numpy()
+    b, m = low_res.shape[:2]
+    out = np.empty((b, m, *size), dtype=np.float32)
+    for i in range(b):
+        for j in range(m):
+            padded = cv2.resize(
+                np.ascontiguousarray(low_res[i, j]),
+                (img_size, img_size),
+                interpolation=cv2.INTER_LINEAR,
+            )
+            cropped = padded[: input_hw[0], : input_hw[1]]
+            if cropped.shape == size:
+                out[i, j] = cropped
+            else:
+                cv2.resize(
+                    cropped, (size[1], size[0]), dst=out[i, j], interpolation=cv2.INTER_LINEAR
+                )
+    return torch.from_numpy(out)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from engine.modeling.common import MLPBlock
+from engine.modeling.factored_attention import keys_folded_attention, queries_folded_attention
 
 
 class TwoWayTransformer(nn.Module):
@@ -66,15 +67,18 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """
         Args:
-            image_embedding: ``(B, C, h, w)``.
-            image_pe: ``(B, C, h, w)`` positional encoding of the image grid.
+            image_embedding: ``(B, C, h, w)``, or ``(1, C, h, w)`` shared by all B prompts.
+            image_pe: ``(B, C, h, w)`` or ``(1, C, h, w)`` positional encoding of the image grid.
             point_embedding: ``(B, N, C)`` prompt and output tokens (also their positional query).
 
         Returns:
             ``(B, N, C)`` processed tokens and ``(B, h * w, C)`` processed image tokens.
         """
-        keys = image_embedding.flatten(2).permute(0, 2, 1)
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        # Token-major and contiguous once, so the layer norms and projections below never copy.
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        if image_pe.shape[0] > 1 and image_pe.stride(0) == 0:
+            image_pe = image_pe[:1]  # an expanded batch: keep one copy and broadcast it
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(
@@ -84,6 +88,8 @@ class TwoWayTransformer(nn.Module):
             q=queries + point_embedding, k=keys + key_pe, v=keys
         )
         queries = self.norm_final_attn(queries + attn_out)
+        if keys.shape[0] != queries.shape[0]:  # image shared by all prompts and no layer ran
+            keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
 
 
@@ -138,7 +144,14 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``."""
+    """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``.
+
+    ``forward`` picks the cheapest of three equal forms by counting multiply-adds: the plain
+    one (SDPA or explicit softmax), or one of the folded forms of
+    :mod:`engine.modeling.factored_attention` when one side has few tokens. ``use_factored =
+    False`` forces the plain form. A query or key batch of 1 against a batch of B on the other
+    side is shared by all B (the decoder's first layer, where every prompt sees the same image).
+    """
 
     def __init__(
         self,
@@ -147,6 +160,7 @@ class Attention(nn.Module):
         downsample_rate: int = 1,
         *,
         use_sdpa: bool = True,
+        use_factored: bool = True,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
@@ -157,24 +171,57 @@ class Attention(nn.Module):
                 f"num_heads={num_heads} must divide the internal width {self.internal_dim}"
             )
         self.use_sdpa = use_sdpa
+        self.use_factored = use_factored
         self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
 
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``q (Bq, Nq, C)``, ``k``/``v`` ``(Bk, Nk, C)`` with Bq == Bk or one of them 1 ->
+        ``(max(Bq, Bk), Nq, C)``."""
+        form = self.cheapest_form(q.shape[0], q.shape[1], k.shape[0], k.shape[1])
+        if form == "keys_folded":
+            return keys_folded_attention(self, q, k, v)
+        if form == "queries_folded":
+            return queries_folded_attention(self, q, k, v)
+        return self._plain(q, k, v)
+
+    def cheapest_form(self, bq: int, nq: int, bk: int, nk: int) -> str:
+        """ "plain", "keys_folded" or "queries_folded", by dominant multiply-add counts."""
+        if not self.use_factored:
+            return "plain"
+        c, inner, heads, b = self.embedding_dim, self.internal_dim, self.num_heads, max(bq, bk)
+        costs = {
+            "plain": bq * nq * c * inner
+            + 2 * bk * nk * c * inner
+            + 2 * b * nq * nk * inner
+            + b * nq * inner * c,
+            "keys_folded": bq * nq * c * inner + 2 * b * heads * nq * nk * c + b * nq * inner * c,
+            "queries_folded": 2 * bk * nk * c * inner + 2 * b * nq * heads * nk * c,
+        }
+        return min(costs, key=costs.__getitem__)
+
+    def _plain(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        bq, nq = q.shape[:2]
+        bk = k.shape[0]
+        qh = self._separate_heads(self.q_proj(q))
+        kh = self._separate_heads(self.k_proj(k))
+        vh = self._separate_heads(self.v_proj(v))
+        if bk == 1 and bq > 1:  # shared keys: all prompts' queries in one sequence
+            qh = qh.transpose(0, 1).reshape(1, self.num_heads, bq * nq, -1)
+        elif bq == 1 and bk > 1:
+            qh = qh.expand(bk, -1, -1, -1)
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(qh, kh, vh)
+        else:
+            attn = (qh @ kh.transpose(-2, -1)) / math.sqrt(qh.shape[-1])
+            out = torch.softmax(attn, dim=-1) @ vh
+        if bk == 1 and bq > 1:
+            out = out.reshape(self.num_heads, bq, nq, -1).transpose(0, 1)
+        b, heads, n, c = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, heads * c))
+
     def _separate_heads(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """``q (B, Nq, C)``, ``k``/``v`` ``(B, Nk, C)`` -> ``(B, Nq, C)``."""
-        q = self._separate_heads(self.q_proj(q))
-        k = self._separate_heads(self.k_proj(k))
-        v = self._separate_heads(self.v_proj(v))
-        if self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            attn = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-            out = torch.softmax(attn, dim=-1) @ v
-        b, heads, n, c = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, heads * c))

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from engine.build_sam import build_sam, build_sam_from_args, resolve_build_args
 from engine.modeling.common import LayerNorm2d
+from engine.modeling.factored_attention import keys_folded_attention, queries_folded_attention
 from engine.modeling.image_encoder import Attention as VitAttention
 from engine.modeling.image_encoder import window_partition, window_unpartition
 from engine.modeling.prompt_encoder import PositionEmbeddingRandom
@@ -312,3 +313,78 @@ def test_sam_forward_thresholds_postprocessed_logits(tiny: Sam) -> None:
     expected = tiny.postprocess_masks(out["low_res_logits"], (256, 256), (256, 256)) > 0.0
     assert torch.equal(out["masks"], expected)
     assert out["iou_predictions"].shape == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("bq", "nq", "bk", "nk"),
+    [
+        (1, 7, 1, 300),
+        (4, 7, 4, 300),
+        (4, 7, 1, 300),
+        (1, 300, 4, 7),
+        (4, 300, 4, 7),
+        (4, 300, 1, 7),
+    ],
+)
+def test_factored_attention_forms_equal_the_plain_form(bq: int, nq: int, bk: int, nk: int):
+    torch.manual_seed(0)
+    attn = TwoWayAttention(64, 8, downsample_rate=2)
+    q, k, v = torch.randn(bq, nq, 64), torch.randn(bk, nk, 64), torch.randn(bk, nk, 64)
+    batch = max(bq, bk)
+    with torch.no_grad():
+        attn.use_factored = False
+        plain = attn(q.expand(batch, -1, -1), k.expand(batch, -1, -1), v.expand(batch, -1, -1))
+        keys_folded = keys_folded_attention(attn, q, k, v)
+        queries_folded = queries_folded_attention(attn, q, k, v)
+        attn.use_factored = True
+        chosen = attn(q, k, v)
+    for out in (keys_folded, queries_folded, chosen):
+        assert out.shape == (batch, nq, 64)
+        torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    expected = "keys_folded" if nq < nk else "queries_folded"
+    assert attn.cheapest_form(bq, nq, bk, nk) in (expected, "plain")
+
+
+@torch.no_grad()
+def test_decoder_forms_agree_on_a_batch_of_prompts(tiny: Sam) -> None:
+    embedding = torch.randn(1, 128, 32, 32)
+    fast = _decode(tiny, embedding, multimask=True, n=6)
+    try:
+        for module in tiny.modules():
+            if isinstance(module, TwoWayAttention):
+                module.use_factored = False
+        plain = _decode(tiny, embedding.expand(6, -1, -1, -1).contiguous(), multimask=True, n=6)
+    finally:
+        for module in tiny.modules():
+            if isinstance(module, TwoWayAttention):
+                module.use_factored = True
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("input_size", "original_size"), [((192, 256), (300, 400)), ((256, 200), (1024, 800))]
+)
+def test_cpu_postprocessing_equals_the_interpolate_definition(
+    tiny: Sam, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> None:
+    low_res = torch.randn(2, 3, 128, 128) * 4
+    fast = tiny.postprocess_masks(low_res, input_size, original_size)
+    up = F.interpolate(low_res, (256, 256), mode="bilinear", align_corners=False)
+    up = up[..., : input_size[0], : input_size[1]]
+    expected = F.interpolate(up, original_size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-4)
+    with_grad = tiny.postprocess_masks(low_res.requires_grad_(), input_size, original_size)
+    torch.testing.assert_close(with_grad.detach(), expected)
+
+
+def test_dense_pe_cache_follows_the_gaussian_matrix() -> None:
+    model = build_sam("tiny")
+    before = model.prompt_encoder.get_dense_pe().clone()
+    state = model.state_dict()
+    key = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    state[key] = torch.randn_like(state[key])
+    model.load_state_dict(state)
+    after = model.prompt_encoder.get_dense_pe()
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, model.prompt_encoder.pe_layer((32, 32)).unsqueeze(0))

@@ -1,0 +1,189 @@
+"""Speed of the SAM variants (random weights: speed does not depend on them).
+
+For ``tiny`` and ``vit_b``, with and without ``F.scaled_dot_product_attention`` and with float32
+or bfloat16 autocast:
+
+- encoder: seconds per image at the model's input size (256 px tiny, 1024 px vit_b);
+- decoder: milliseconds for one prompt batch (prompt encoder + mask decoder, multimask output)
+  of 1 point and of 64 points (one point per prompt, as the automatic mask generator sends);
+- click: ``SamPredictor.predict`` with one point from a cached embedding (``set_embedding``),
+  masks returned at the original image size, the latency an annotator feels.
+
+Medians over ``--runs`` runs (>= 20 by default for the decoder and clicks). Targets on the 2-core
+CI CPU: vit_b click under 50 ms median, tiny encoder under 100 ms per image.
+
+Usage: ``python -m benchmarks.bench_model [--quick] [--out DIR] [--variants tiny vit_b]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.build_sam import build_sam
+from engine.modeling.sam import Sam
+from engine.predictor import SamPredictor
+
+TARGET_CLICK_MS = {"vit_b": 50.0}
+TARGET_ENCODER_S = {"tiny": 0.100}
+#: Original image sizes (H, W) for the click: a 1024 px photo and the SA-1B average.
+CLICK_SIZES = ((768, 1024), (1500, 2250))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench-results", help="folder for the JSON result")
+    parser.add_argument("--quick", action="store_true", help="fewer runs, fewer configurations")
+    parser.add_argument("--variants", nargs="+", default=["tiny", "vit_b"])
+    parser.add_argument("--runs", type=int, default=None, help="runs per decoder/click timing")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs = args.runs or (5 if args.quick else 20)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows: list[dict[str, Any]] = []
+    for variant in args.variants:
+        rows.extend(_bench_variant(variant, device, runs, args.quick))
+    result = {
+        "benchmark": "model",
+        "quick": args.quick,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "machine": {"cpu": platform.processor() or platform.machine()},
+        "targets": {"click_ms_median": TARGET_CLICK_MS, "encoder_s": TARGET_ENCODER_S},
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_model.json").write_text(json.dumps(result, indent=1))
+    _print_table(rows)
+    return 0
+
+
+def _bench_variant(variant: str, device: torch.device, runs: int, quick: bool) -> list[dict]:
+    torch.manual_seed(0)
+    model = build_sam(variant, device=device)
+    configs: list[tuple[bool, torch.dtype | None]] = [
+        (True, None),
+        (False, None),
+        (True, torch.bfloat16),
+    ]
+    if quick and variant != "tiny":
+        configs = configs[:1]
+    rows = []
+    for use_sdpa, dtype in configs:
+        model.use_sdpa = use_sdpa
+        rows.append(_bench_config(model, variant, dtype, runs))
+        print(_format_row(rows[-1]), flush=True)
+    model.use_sdpa = True
+    return rows
+
+
+def _bench_config(model: Sam, variant: str, dtype: torch.dtype | None, runs: int) -> dict:
+    row: dict[str, Any] = {
+        "variant": variant,
+        "sdpa": model.use_sdpa,
+        "dtype": "bfloat16" if dtype else "float32",
+    }
+    # A ViT-B encoder pass is ~1 TFLOP: a few runs are enough for its median.
+    encoder_runs = runs if variant == "tiny" else max(1, min(3, runs // 5))
+    if dtype is not None and variant != "tiny":
+        encoder_runs = 1  # bf16 is emulated (slow) on CPUs without AVX512-BF16
+    row["encoder_s"] = _median(lambda: _encode(model, dtype), encoder_runs)
+    embedding = _encode(model, dtype)
+    for n_prompts in (1, 64):
+        row[f"decoder_ms_{n_prompts}"] = 1000 * _median(
+            lambda n=n_prompts: _decode(model, embedding, n, dtype), runs
+        )
+    predictor = SamPredictor(model, autocast_dtype=dtype)
+    point_label = np.array([1])
+    for size in CLICK_SIZES:
+        predictor.set_embedding(embedding, size)
+        point = np.array([[size[1] * 0.4, size[0] * 0.6]])
+        row[f"click_ms_{size[0]}x{size[1]}"] = 1000 * _median(
+            lambda p=point: predictor.predict(p, point_label), runs
+        )
+    return row
+
+
+@torch.no_grad()
+def _encode(model: Sam, dtype: torch.dtype | None) -> torch.Tensor:
+    x = torch.randn(1, 3, model.img_size, model.img_size, device=model.device)
+    with torch.autocast(model.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = model.image_encoder(x)
+    return out.float()
+
+
+@torch.no_grad()
+def _decode(model: Sam, embedding: torch.Tensor, n: int, dtype: torch.dtype | None) -> None:
+    coords = torch.rand(n, 1, 2, device=model.device) * model.img_size
+    labels = torch.ones(n, 1, dtype=torch.long, device=model.device)
+    with torch.autocast(model.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        low_res, _ = model.mask_decoder(
+            embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True
+        )
+    low_res.float().sum().item()  # waits for the device
+
+
+def _median(fn: Callable[[], Any], runs: int) -> float:
+    fn()  # warm-up: allocator, kernels, caches
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    clicks = "  ".join(f"{row[f'click_ms_{h}x{w}']:8.1f}" for h, w in CLICK_SIZES)
+    return (
+        f"{row['variant']:<6} {'sdpa' if row['sdpa'] else 'math':<5} {row['dtype']:<9} "
+        f"{row['encoder_s']:9.3f}  {row['decoder_ms_1']:9.1f}  {row['decoder_ms_64']:10.1f}  "
+        f"{clicks}"
+    )
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    sizes = "  ".join(f"click {h}x{w}" for h, w in CLICK_SIZES)
+    print(
+        f"\n{'model':<6} {'attn':<5} {'dtype':<9} {'enc s/img':>9}  {'dec ms 1pt':>9}  "
+        f"{'dec ms 64pt':>10}  {sizes} (ms, median)"
+    )
+    for row in rows:
+        print(_format_row(row))
+    for row in rows:
+        if row["sdpa"] and row["dtype"] == "float32":
+            variant = row["variant"]
+            if variant in TARGET_CLICK_MS:
+                click = row[f"click_ms_{CLICK_SIZES[0][0]}x{CLICK_SIZES[0][1]}"]
+                verdict = "meets" if click < TARGET_CLICK_MS[variant] else "MISSES"
+                print(
+                    f"{variant} click {click:.1f} ms {verdict} target {TARGET_CLICK_MS[variant]} ms"
+                )
+            if variant in TARGET_ENCODER_S:
+                enc = row["encoder_s"]
+                verdict = "meets" if enc < TARGET_ENCODER_S[variant] else "MISSES"
+                print(
+                    f"{variant} encoder {enc * 1000:.0f} ms {verdict} target "
+                    f"{TARGET_ENCODER_S[variant] * 1000:.0f} ms"
+                )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
