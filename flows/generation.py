@@ -1,9 +1,9 @@
-"""Masks from the automatic generator for a batch of stored images, as mask records.
+"""Stage 2's pre-labels: the automatic generator's confident masks on stored images, as records.
 
-Library code (no Prefect). Stage 2 uses it at a high confidence gate for the pre-labels people
-correct; stage 3 for the masks stored as ``auto``. Nothing is written here: the flow commits the
-records in one atomic write per round. Image embeddings come from (and go to) the store per
-(image, model version), so a rerun of the round skips the encoder.
+Library code (no Prefect). Nothing is written here: the pre-labels go to the annotators as
+predictions, and only what they keep reaches the store (stage 3, which stores everything the
+generator gives, uses :func:`engine.amg.generate_for_images`). Image embeddings come from (and go
+to) the store per (image, model version), so a rerun of the round skips the encoder.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def generate_records(
         settings: the generator's thresholds and grid.
         stage, round, run_id: the records' provenance.
         model_version: the registry version of ``model`` (also keys the embedding cache).
-        source: ``"model"`` for stage-2 pre-labels, ``"auto"`` for stage-3 masks.
+        source: the records' source (``"model"`` for pre-labels).
     """
     from engine import EmbeddingCache
     from engine.amg.generator import AutomaticMaskGenerator

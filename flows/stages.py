@@ -28,7 +28,8 @@ from flows.tasks import (
     check_label_studio,
     commit_masks,
     current_version,
-    generate_masks,
+    generate_auto_masks,
+    prelabel_masks,
     prepare_dataset,
     promote_model,
     record_round,
@@ -47,14 +48,14 @@ __all__ = [
 
 
 class RoundReport(BaseModel):
-    """What one round did."""
+    """What one round did: its images, masks (all of them, and those new in the store), the
+    version that helped, the version trained after it and whether that one was promoted."""
 
     stage: int
     round: int
     image_ids: list[str]
     masks: int
     masks_new: int
-    commit_sequence: int
     model_version: str
     trained_version: str
     promoted: bool
@@ -113,24 +114,21 @@ def _run_round(
 ) -> RoundReport:
     image_ids = round_image_ids(config, stage, round)
     if stage == 3:
-        masks = generate_masks(config, dataset, version, image_ids, stage, round)
+        written = generate_auto_masks(config, dataset, version, image_ids, round)
     else:
         predictions = (
-            generate_masks(config, dataset, version, image_ids, stage, round)
-            if stage == 2
-            else None
+            prelabel_masks(config, dataset, version, image_ids, round) if stage == 2 else None
         )
         masks = annotate_round(config, dataset, version, image_ids, stage, round, predictions)
-    commit = commit_masks(config, masks, stage, round)
+        written = commit_masks(config, masks, stage, round)
     trained = retrain_model(config, dataset, version, stage, round)
     promoted = promote_model(config, trained["version"])
     report = RoundReport(
         stage=stage,
         round=round,
         image_ids=image_ids,
-        masks=len(masks),
-        masks_new=int(commit["masks"]),
-        commit_sequence=int(commit["sequence"]),
+        masks=int(written["masks"]),
+        masks_new=int(written["masks_new"]),
         model_version=version,
         trained_version=trained["version"],
         promoted=promoted,

@@ -31,7 +31,8 @@ __all__ = [
     "check_label_studio",
     "commit_masks",
     "current_version",
-    "generate_masks",
+    "generate_auto_masks",
+    "prelabel_masks",
     "prepare_dataset",
     "promote_model",
     "record_round",
@@ -189,47 +190,73 @@ def promote_model(config: EngineConfig, version: str) -> bool:
 # --- masks -------------------------------------------------------------------------------------
 
 
-@task(name="generate-masks", cache_policy=_CACHED, persist_result=True)
-def generate_masks(
-    config: EngineConfig,
-    dataset: str,
-    version: str,
-    image_ids: list[str],
-    stage: int,
-    round: int,
+@task(name="prelabel-masks", cache_policy=_CACHED, persist_result=True)
+def prelabel_masks(
+    config: EngineConfig, dataset: str, version: str, image_ids: list[str], round: int
 ) -> list[MaskRecord]:
-    """The generator's masks on the round's images (stage 2: pre-labels; stage 3: auto)."""
+    """Stage 2's pre-labels: the generator's confident masks on the round's images."""
     from flows.generation import GeneratorSettings, generate_records
 
-    section = config.stage(stage)
-    settings = GeneratorSettings(
-        points_per_side=section.points_per_side,  # type: ignore[union-attr]
-        pred_iou_thresh=section.pred_iou_thresh,  # type: ignore[union-attr]
-        stability_score_thresh=section.stability_score_thresh,  # type: ignore[union-attr]
-        crop_n_layers=getattr(section, "crop_n_layers", 0),
-        min_mask_region_area=getattr(section, "min_mask_region_area", 0),
-        max_mask_region_fraction=getattr(section, "max_mask_region_fraction", 0.95),
-    )
+    s2 = config.stage2
     records = generate_records(
         store_for(config),
         registry_for(config).load(version),
         image_ids,
-        settings=settings,
-        stage=stage,
+        settings=GeneratorSettings(
+            points_per_side=s2.points_per_side,
+            pred_iou_thresh=s2.pred_iou_thresh,
+            stability_score_thresh=s2.stability_score_thresh,
+        ),
+        stage=2,
         round=round,
         run_id=config.run_name,
         model_version=version,
-        source="auto" if stage == 3 else "model",
+        source="model",
     )
     get_run_logger().info(
-        "stage %d round %d: %d masks generated on %d images by %s",
-        stage,
+        "stage 2 round %d: %d pre-labels on %d images by %s",
         round,
         len(records),
         len(image_ids),
         version,
     )
     return records
+
+
+@task(name="generate-auto-masks", cache_policy=_CACHED, persist_result=True, **_IO_RETRIES)
+def generate_auto_masks(
+    config: EngineConfig, dataset: str, version: str, image_ids: list[str], round: int
+) -> dict[str, Any]:
+    """Stage 3: generate and commit ``auto`` masks on the round's images (a rerun adds none)."""
+    from engine.amg import AutomaticMaskGenerator, generate_for_images
+
+    s3 = config.stage3
+    store = store_for(config)
+    generator = AutomaticMaskGenerator(
+        registry_for(config).load(version),
+        points_per_side=s3.points_per_side,
+        pred_iou_thresh=s3.pred_iou_thresh,
+        stability_score_thresh=s3.stability_score_thresh,
+        crop_n_layers=s3.crop_n_layers,
+        crop_n_points_downscale_factor=2 if s3.crop_n_layers else 1,
+        min_mask_region_area=s3.min_mask_region_area,
+        max_mask_region_fraction=s3.max_mask_region_fraction,
+    )
+    summary = generate_for_images(
+        generator,
+        [store.get_image(i).uri for i in image_ids],
+        store,
+        model_version=version,
+        run_id=config.run_name,
+        round=round,
+        endpoint_url=config.endpoint_url,
+    )
+    get_run_logger().info("stage 3 round %d: %s", round, summary.describe())
+    return {
+        "masks": summary.masks_generated,
+        "masks_new": summary.masks_written,
+        "skipped": len(summary.skipped),
+    }
 
 
 @task(name="annotate-round", cache_policy=_CACHED, persist_result=True, **_IO_RETRIES)
@@ -278,7 +305,7 @@ def commit_masks(
     get_run_logger().info(
         "stage %d round %d: commit %d, %s", stage, round, info.sequence, info.counts
     )
-    return {"sequence": info.sequence, **info.counts}
+    return {"sequence": info.sequence, "masks": len(records), "masks_new": info.counts["masks"]}
 
 
 @task(name="record-round", cache_policy=NO_CACHE, **_IO_RETRIES)

@@ -135,7 +135,13 @@ class EngineSummary:
 
     @property
     def final_version(self) -> VersionSummary | None:
-        """The last registered version with metrics."""
+        """The engine's model now: the newest promoted version with metrics."""
+        promoted = [v for v in self.versions if v.promoted and v.miou_1click is not None]
+        return promoted[-1] if promoted else None
+
+    @property
+    def last_trained(self) -> VersionSummary | None:
+        """The newest version with metrics, promoted or not."""
         scored = [v for v in self.versions if v.miou_1click is not None]
         return scored[-1] if scored else None
 
@@ -170,8 +176,11 @@ def summarize(store: MaskStore, versions: Sequence[VersionSummary] = ()) -> Engi
     """
     table = _engine_masks(store)
     manifests = read_round_manifests(store)
+    # Rounds come from the masks and from the manifests (a round may commit no mask at all).
+    keys = set(zip(table["stage"].to_pylist(), table["round"].to_pylist(), strict=True))
+    keys |= set(manifests)
     stages: list[StageSummary] = []
-    for stage in sorted(set(table["stage"].to_pylist())):
+    for stage in sorted({s for s, _ in keys}):
         in_stage = table.filter(pc.equal(table["stage"], stage))
         rounds = [
             _round_summary(
@@ -180,7 +189,7 @@ def summarize(store: MaskStore, versions: Sequence[VersionSummary] = ()) -> Engi
                 r,
                 manifests.get((stage, r)),
             )
-            for r in sorted(set(in_stage["round"].to_pylist()))
+            for r in sorted(r for s, r in keys if s == stage)
         ]
         stages.append(StageSummary(stage=int(stage), rounds=tuple(rounds)))
     return EngineSummary(stages=tuple(stages), versions=tuple(versions), total_masks=table.num_rows)
@@ -229,15 +238,27 @@ def format_table(summary: EngineSummary) -> str:
             f"{_num(v.miou_1click, 3):>7} {_num(v.miou_5click, 3):>7} {_num(v.noc85, 2):>7} "
             f"{_num(v.noc90, 2):>7} {_opt(v.promoted):>8}"
         )
-    first, final = summary.first_version, summary.final_version
-    if first is not None and final is not None and first is not final:
-        lines.append("")
-        lines.append(
-            f"holdout: mIoU@1 {_num(first.miou_1click, 3)} -> {_num(final.miou_1click, 3)}, "
-            f"NoC@90 {_num(first.noc90, 2)} -> {_num(final.noc90, 2)} "
-            f"({first.version} -> {final.version})"
-        )
+    lines.extend(_holdout_lines(summary))
     return "\n".join(lines)
+
+
+def _holdout_lines(summary: EngineSummary) -> list[str]:
+    first, final, last = summary.first_version, summary.final_version, summary.last_trained
+    if first is None:
+        return []
+    lines = [""]
+    for label, v in (
+        ("first model", first),
+        ("engine's model (newest promoted)", final),
+        ("last trained", last),
+    ):
+        if v is None:
+            continue
+        lines.append(
+            f"{label + ':':<34} {v.version:<8} mIoU@1 {_num(v.miou_1click, 3)}  "
+            f"NoC@90 {_num(v.noc90, 2)}"
+        )
+    return lines
 
 
 # --- private -----------------------------------------------------------------------------------
