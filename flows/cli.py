@@ -12,7 +12,7 @@ import importlib
 import typer
 
 # Modules under flows.commands that add commands to the app, in --help order.
-_COMMAND_MODULES: tuple[str, ...] = ("store", "ls", "amg", "model")
+_COMMAND_MODULES: tuple[str, ...] = ("store", "ls", "amg", "model", "engine")
 
 app = typer.Typer(
     name="data-engine",

@@ -43,8 +43,10 @@ __all__ = [
     "Stage2Config",
     "Stage3Config",
     "TrainingBudget",
+    "demo_config",
     "load_config",
     "parse_config",
+    "training_minutes",
 ]
 
 ENV_PREFIX = "DATA_ENGINE_"
@@ -414,3 +416,50 @@ def _describe(error: Mapping[str, Any]) -> str:
     shown = repr(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     return f"{loc}: {message} (got {shown})"
+
+
+def training_minutes(config: EngineConfig) -> float:
+    """Minutes of training the config budgets: pretraining plus every retrain (0 if step-only)."""
+    total = 0.0 if config.model.checkpoint else (config.model.pretrain.minutes or 0.0)
+    for number in (1, 2, 3):
+        section = config.stage(number)
+        total += section.rounds * (section.train.minutes or 0.0)
+    return total
+
+
+def demo_config(
+    root: str,
+    *,
+    images: int | None = None,
+    minutes: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> EngineConfig:
+    """The demo's config: the defaults on the synthetic source, resized.
+
+    Args:
+        root: storage root.
+        images: pool images the three stages use in all (default: the defaults' total); each
+            stage keeps its share and every round gets at least one image.
+        minutes: minutes of training in all, pretraining included (default: the defaults'
+            total); every budget is scaled by the same factor.
+        environ: ``DATA_ENGINE_*`` overrides applied on top.
+    """
+    base = parse_config({"root": root})
+    data: dict[str, Any] = {"root": root}
+    if images is not None:
+        if images < 1:
+            raise ConfigError(f"--images must be at least 1, got {images}")
+        factor = images / base.pool_images_needed()
+        for number in (1, 2, 3):
+            section = base.stage(number)
+            per_round = max(1, round(section.images_per_round * factor))
+            data[f"stage{number}"] = {"images_per_round": per_round}
+    if minutes is not None:
+        if minutes <= 0:
+            raise ConfigError(f"--minutes must be positive, got {minutes}")
+        factor = minutes / training_minutes(base)
+        data["model"] = {"pretrain": {"minutes": (base.model.pretrain.minutes or 0) * factor}}
+        for number in (1, 2, 3):
+            train = {"minutes": (base.stage(number).train.minutes or 0) * factor}
+            data.setdefault(f"stage{number}", {})["train"] = train
+    return parse_config(data, environ=environ, origin="demo settings")
