@@ -18,6 +18,7 @@ Usage: ``python -m benchmarks.bench_model [--quick] [--out DIR] [--variants tiny
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -99,20 +100,18 @@ def _bench_config(model: Sam, variant: str, dtype: torch.dtype | None, runs: int
     encoder_runs = runs if variant == "tiny" else max(1, min(3, runs // 5))
     if dtype is not None and variant != "tiny":
         encoder_runs = 1  # bf16 is emulated (slow) on CPUs without AVX512-BF16
-    row["encoder_s"] = _median(lambda: _encode(model, dtype), encoder_runs)
+    row["encoder_s"] = _median(functools.partial(_encode, model, dtype), encoder_runs)
     embedding = _encode(model, dtype)
     for n_prompts in (1, 64):
-        row[f"decoder_ms_{n_prompts}"] = 1000 * _median(
-            lambda n=n_prompts: _decode(model, embedding, n, dtype), runs
-        )
+        decode = functools.partial(_decode, model, embedding, n_prompts, dtype)
+        row[f"decoder_ms_{n_prompts}"] = 1000 * _median(decode, runs)
     predictor = SamPredictor(model, autocast_dtype=dtype)
     point_label = np.array([1])
     for size in CLICK_SIZES:
         predictor.set_embedding(embedding, size)
         point = np.array([[size[1] * 0.4, size[0] * 0.6]])
-        row[f"click_ms_{size[0]}x{size[1]}"] = 1000 * _median(
-            lambda p=point: predictor.predict(p, point_label), runs
-        )
+        click = functools.partial(predictor.predict, point, point_label)
+        row[f"click_ms_{size[0]}x{size[1]}"] = 1000 * _median(click, runs)
     return row
 
 

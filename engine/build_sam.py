@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from engine.modeling.image_encoder import ImageEncoderViT
 from engine.modeling.mask_decoder import MaskDecoder
@@ -165,7 +164,7 @@ def build_sam_from_args(
 def _assemble(args: dict[str, Any], *, use_sdpa: bool) -> Sam:
     embed_dim = int(args["prompt_embed_dim"])
     image_size = int(args["image_size"])
-    encoder: nn.Module
+    encoder: ImageEncoderViT | TinyImageEncoder
     if args["encoder"] == "vit":
         encoder = ImageEncoderViT(
             img_size=image_size,
@@ -191,8 +190,8 @@ def _assemble(args: dict[str, Any], *, use_sdpa: bool) -> Sam:
             )
         encoder = TinyImageEncoder(
             img_size=image_size,
-            widths=widths,  # type: ignore[arg-type]
-            depths=depths,  # type: ignore[arg-type]
+            widths=widths,
+            depths=depths,
             out_chans=embed_dim,
             num_global_blocks=int(args["encoder_global_blocks"]),
             num_heads=int(args["encoder_num_heads"]),

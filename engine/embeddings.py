@@ -99,7 +99,9 @@ class EmbeddingCache:
             return None
         embedding, original_size, input_size = loaded
         item = CachedEmbedding(
-            np.asarray(embedding, dtype=np.float32), tuple(original_size), tuple(input_size)
+            np.asarray(embedding, dtype=np.float32),
+            (int(original_size[0]), int(original_size[1])),
+            (int(input_size[0]), int(input_size[1])),
         )
         self._remember(image_id, item)
         return item

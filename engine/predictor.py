@@ -91,7 +91,9 @@ class SamPredictor:
         self.input_size = (int(shape[2]), int(shape[3]))
         self.is_image_set = True
 
-    def set_embedding(self, embedding: torch.Tensor, original_size: Sequence[int]) -> None:
+    def set_embedding(
+        self, embedding: torch.Tensor | np.ndarray, original_size: Sequence[int]
+    ) -> None:
         """Use a stored embedding ``(1, C, h, w)`` (or ``(C, h, w)``) of an image of
         ``original_size = (H, W)`` pixels instead of running the encoder."""
         embedding = torch.as_tensor(embedding)

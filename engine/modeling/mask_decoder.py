@@ -8,6 +8,8 @@ tokens 1..3 are the multimask outputs for ambiguous prompts (whole, part, sub-pa
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -140,7 +142,10 @@ class MaskDecoder(nn.Module):
         product per input pixel, and the per-pixel steps do not care about pixel order, so the
         pixel shuffle is left to the (16x smaller) masks. Several times faster on CPU.
         """
-        deconv1, norm, act1, deconv2, act2 = self.output_upscaling
+        deconv1, norm, act1, deconv2, act2 = cast(
+            tuple[nn.ConvTranspose2d, LayerNorm2d, nn.Module, nn.ConvTranspose2d, nn.Module],
+            tuple(self.output_upscaling),
+        )
         b, h, w, c = x.shape
         y = _deconv2x2_rows(x.reshape(b * h * w, c), deconv1.weight, deconv1.bias)
         y = act1(F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps))
@@ -148,13 +153,17 @@ class MaskDecoder(nn.Module):
         return y.reshape(b, 16 * h * w, -1)
 
 
-def _deconv2x2_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _deconv2x2_rows(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``ConvTranspose2d(kernel_size=2, stride=2)`` applied to pixels given as rows ``(N, Cin)``;
     weight ``(Cin, Cout, 2, 2)``. Returns ``(4N, Cout)``, the 4 output pixels of input row n at
     rows 4n + 2di + dj: ``out[4n + 2di + dj, o] = sum_c x[n, c] * weight[c, o, di, dj] + bias[o]``.
     """
     c_in, c_out = weight.shape[:2]
     flat_weight = weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)  # columns (di, dj, o)
+    if bias is None:
+        return (x @ flat_weight.to(x.dtype)).reshape(-1, c_out)
     y = torch.addmm(bias.repeat(4).to(x.dtype), x, flat_weight.to(x.dtype))
     return y.reshape(-1, c_out)
 

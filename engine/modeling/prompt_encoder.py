@@ -102,17 +102,20 @@ class PromptEncoder(nn.Module):
         # A padding point carries no position, only the learned "not a point" embedding.
         out = torch.where(labels == PAD_LABEL, self.not_a_point_embed.weight.to(pe.dtype), pe)
         for label in range(self.num_point_embeddings):
-            out = out + (labels == label).to(pe.dtype) * self.point_embeddings[label].weight
+            out = out + (labels == label).to(pe.dtype) * self.point_embedding(label)
         return out
 
     def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """``(B, 4)`` XYXY pixels -> ``(B, 2, embed_dim)``: corner encodings + corner embeddings."""
         corners = (boxes + 0.5).reshape(-1, 2, 2)
         pe = self.pe_layer.forward_with_coords(corners, self.input_image_size)
-        corner_embed = torch.cat(
-            [self.point_embeddings[2].weight, self.point_embeddings[3].weight], dim=0
-        )
+        corner_embed = torch.cat([self.point_embedding(2), self.point_embedding(3)], dim=0)
         return pe + corner_embed[None]
+
+    def point_embedding(self, label: int) -> torch.Tensor:
+        """The learned ``(1, embed_dim)`` embedding of a point label 0..3."""
+        embedding: nn.Embedding = self.point_embeddings[label]  # type: ignore[assignment]
+        return embedding.weight
 
     def embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """``(B, 1, 4h, 4w)`` mask logits -> ``(B, embed_dim, h, w)``."""
@@ -165,6 +168,8 @@ class PositionEmbeddingRandom(nn.Module):
     Gaussian matrix ``G`` of shape ``(2, num_pos_feats)``; output width ``2 * num_pos_feats``.
     """
 
+    positional_encoding_gaussian_matrix: torch.Tensor
+
     def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
         super().__init__()
         scale = 1.0 if scale is None or scale <= 0.0 else scale
@@ -174,7 +179,7 @@ class PositionEmbeddingRandom(nn.Module):
 
     def encode(self, coords: torch.Tensor) -> torch.Tensor:
         """Encode ``(..., 2)`` xy in ``[0, 1]`` to ``(..., 2 * num_pos_feats)``."""
-        gaussian: torch.Tensor = self.positional_encoding_gaussian_matrix  # type: ignore[assignment]
+        gaussian = self.positional_encoding_gaussian_matrix
         projected = (2 * coords - 1) @ gaussian.to(coords.dtype)
         projected = 2 * math.pi * projected
         return torch.cat([torch.sin(projected), torch.cos(projected)], dim=-1)

@@ -12,8 +12,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.modeling.image_encoder import Attention as VitAttention
+from engine.modeling.image_encoder import ImageEncoderViT
 from engine.modeling.mask_decoder import MaskDecoder
 from engine.modeling.prompt_encoder import PromptEncoder
+from engine.modeling.tiny_encoder import GlobalAttentionBlock, TinyImageEncoder
+from engine.modeling.transformer import Attention as TwoWayAttention
 
 #: ImageNet RGB mean and std in 0..255 pixel units, as SAM normalises its input.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -24,8 +28,8 @@ class Sam(nn.Module):
     """Promptable segmentation model.
 
     Attributes:
-        image_encoder: any module with an ``img_size`` attribute mapping ``(B, 3, S, S)`` to
-            ``(B, C, h, w)``.
+        image_encoder: the ViT or tiny encoder, mapping ``(B, 3, S, S)`` normalised pixels to
+            ``(B, C, h, w)``; ``S`` is its ``img_size``.
         prompt_encoder, mask_decoder: see their modules.
         mask_threshold: logit above which a pixel is in the mask (0.0: probability 0.5).
         image_format: the channel order the model expects ("RGB").
@@ -35,11 +39,13 @@ class Sam(nn.Module):
 
     mask_threshold: float = 0.0
     image_format: str = "RGB"
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
 
     def __init__(
         self,
         *,
-        image_encoder: nn.Module,
+        image_encoder: ImageEncoderViT | TinyImageEncoder,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
         pixel_mean: Sequence[float] = PIXEL_MEAN,
@@ -71,14 +77,28 @@ class Sam(nn.Module):
     @property
     def use_sdpa(self) -> bool:
         """Whether attention layers use ``F.scaled_dot_product_attention`` (else explicit maths)."""
-        flags = [m.use_sdpa for m in self.modules() if m is not self and hasattr(m, "use_sdpa")]
-        return bool(flags) and all(flags)
+        return all(m.use_sdpa for m in self._attention_layers())
 
     @use_sdpa.setter
     def use_sdpa(self, enabled: bool) -> None:
+        for module in self._attention_layers():
+            module.use_sdpa = bool(enabled)
+
+    @property
+    def use_factored_attention(self) -> bool:
+        """Whether the decoder may use the folded cross-attention forms (see
+        :mod:`engine.modeling.factored_attention`); False forces the plain form."""
+        return all(m.use_factored for m in self.modules() if isinstance(m, TwoWayAttention))
+
+    @use_factored_attention.setter
+    def use_factored_attention(self, enabled: bool) -> None:
         for module in self.modules():
-            if module is not self and hasattr(module, "use_sdpa"):
-                module.use_sdpa = bool(enabled)
+            if isinstance(module, TwoWayAttention):
+                module.use_factored = bool(enabled)
+
+    def _attention_layers(self) -> list[VitAttention | TwoWayAttention | GlobalAttentionBlock]:
+        kinds = (VitAttention, TwoWayAttention, GlobalAttentionBlock)
+        return [m for m in self.modules() if isinstance(m, kinds)]
 
     @torch.no_grad()
     def forward(
