@@ -207,6 +207,15 @@ class Stage3Config(_StageBase):
     crop_n_layers: int = Field(0, ge=0, le=3)
     min_mask_region_area: int = Field(20, ge=0)
     max_mask_region_fraction: float | None = Field(0.95, gt=0, le=1)
+    workers: int | None = Field(None, ge=1, description="Dask LocalCluster worker processes")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler, tcp://...")
+    shard_size: int = Field(8, ge=1, description="images per shard (one commit each)")
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> Stage3Config:
+        if self.workers is not None and self.dask_address is not None:
+            raise ValueError("give stage3.workers or stage3.dask_address, not both")
+        return self
 
 
 class EvaluationConfig(_Section):

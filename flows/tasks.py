@@ -227,35 +227,52 @@ def prelabel_masks(
 def generate_auto_masks(
     config: EngineConfig, dataset: str, version: str, image_ids: list[str], round: int
 ) -> dict[str, Any]:
-    """Stage 3: generate and commit ``auto`` masks on the round's images (a rerun adds none)."""
-    from engine.amg import AutomaticMaskGenerator, generate_for_images
+    """Stage 3: generate and commit ``auto`` masks on the round's images (a rerun adds none).
+
+    Runs in this process, or sharded over Dask when ``stage3.workers`` / ``stage3.dask_address``
+    is set (:func:`flows.distributed.run_stage3`).
+    """
+    from flows.distributed import ClusterSpec, Stage3Job, resolve_model, run_stage3
 
     s3 = config.stage3
     store = store_for(config)
-    generator = AutomaticMaskGenerator(
-        registry_for(config).load(version),
-        points_per_side=s3.points_per_side,
-        pred_iou_thresh=s3.pred_iou_thresh,
-        stability_score_thresh=s3.stability_score_thresh,
-        crop_n_layers=s3.crop_n_layers,
-        crop_n_points_downscale_factor=2 if s3.crop_n_layers else 1,
-        min_mask_region_area=s3.min_mask_region_area,
-        max_mask_region_fraction=s3.max_mask_region_fraction,
-    )
-    summary = generate_for_images(
-        generator,
-        [store.get_image(i).uri for i in image_ids],
-        store,
-        model_version=version,
+    job = Stage3Job(
+        root=config.root,
+        model=resolve_model(version, root=config.root, endpoint_url=config.endpoint_url),
         run_id=config.run_name,
         round=round,
+        generator_kwargs={
+            "points_per_side": s3.points_per_side,
+            "pred_iou_thresh": s3.pred_iou_thresh,
+            "stability_score_thresh": s3.stability_score_thresh,
+            "crop_n_layers": s3.crop_n_layers,
+            "crop_n_points_downscale_factor": 2 if s3.crop_n_layers else 1,
+            "min_mask_region_area": s3.min_mask_region_area,
+            "max_mask_region_fraction": s3.max_mask_region_fraction,
+        },
         endpoint_url=config.endpoint_url,
     )
-    get_run_logger().info("stage 3 round %d: %s", round, summary.describe())
+    summary = run_stage3(
+        job,
+        [store.get_image(i).uri for i in image_ids],
+        cluster=ClusterSpec(workers=s3.workers, address=s3.dask_address),
+        shard_size=s3.shard_size,
+    )
+    skipped = sum(len(r.skipped) for r in summary.shards)
+    stored = sum(r.masks_already_stored for r in summary.shards)
+    get_run_logger().info(
+        "stage 3 round %d: %d images, %d masks written, %d already stored, %d skipped, %.1f s",
+        round,
+        summary.images,
+        summary.masks_written,
+        stored,
+        skipped,
+        summary.wall_s,
+    )
     return {
-        "masks": summary.masks_generated,
+        "masks": summary.masks_written + stored,
         "masks_new": summary.masks_written,
-        "skipped": len(summary.skipped),
+        "skipped": skipped,
     }
 
 
