@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -102,12 +103,37 @@ def _bench_variant(
 
             cold = [click(r.image_id) for r in images]
             cached = [click(images[i % len(images)].image_id) for i in range(clicks)]
+            parts = _breakdown(app.state.backend.holder.get(), rng, size, min(clicks, 10))
     return {
         "variant": variant,
         "cold_ms": _stats(cold),
         "cached_ms": _stats(cached),
+        **parts,
         "meets_target": bool(np.percentile(cached, 95) < TARGET_P95_MS),
     }
+
+
+def _breakdown(
+    model: Any, rng: np.random.Generator, size: tuple[int, int], n: int
+) -> dict[str, dict[str, float]]:
+    """Where a cached click's time goes, in-process: SAM's decoder (prompt to full-size masks)
+    and the brush RLE of the chosen mask (``storage.rle.to_brush``, Label Studio's encoder)."""
+    from storage import rle
+
+    decoder, brush = [], []
+    predictor = model.predictor  # the backend left it on the last image
+    for _ in range(n):
+        point = np.array([[rng.uniform(0, size[1] - 1), rng.uniform(0, size[0] - 1)]])
+        start = time.perf_counter()
+        masks, scores, _ = predictor.predict(
+            point_coords=point, point_labels=np.array([1]), multimask_output=True
+        )
+        decoder.append((time.perf_counter() - start) * 1000.0)
+        best = rle.encode(masks[int(np.argmax(scores))][None])[0]
+        start = time.perf_counter()
+        rle.to_brush(best)
+        brush.append((time.perf_counter() - start) * 1000.0)
+    return {"decoder_ms": _stats(decoder), "brush_rle_ms": _stats(brush)}
 
 
 def _torch_threads() -> int:
@@ -143,15 +169,18 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def _print_table(rows: list[dict[str, Any]], size: tuple[int, int]) -> None:
     print(f"POST /predict, one click, {size[1]}x{size[0]} images (ms)")
-    head = ("variant", "cached med", "cached p95", "cold med", "cold p95")
+    head = ("variant", "cached med", "cached p95", "cold med", "cold p95", "decoder", "brush")
     print(f"{head[0]:<8} " + " ".join(f"{h:>10}" for h in head[1:]) + "  target")
     for row in rows:
         c, k = row["cached_ms"], row["cold_ms"]
+        d, b = row["decoder_ms"]["median"], row["brush_rle_ms"]["median"]
         flag = "ok" if row["meets_target"] else f"p95 >= {TARGET_P95_MS:.0f}"
         print(
             f"{row['variant']:<8} {c['median']:>10.1f} {c['p95']:>10.1f} "
-            f"{k['median']:>10.1f} {k['p95']:>10.1f}  {flag}"
+            f"{k['median']:>10.1f} {k['p95']:>10.1f} {d:>10.1f} {b:>10.1f}  {flag}"
         )
+    load = os.getloadavg()[0]
+    print(f"(decoder, brush: medians of the parts of a cached click; load average {load:.1f})")
 
 
 if __name__ == "__main__":

@@ -42,13 +42,29 @@ AUTH = ("ls-backend", "backend-pass-123")
 H, W = 64, 96
 
 
+_OPEN_CLIENTS: list[LabelStudioClient] = []
+
+
 def client_for(server: LabelStudioServer, **kw: Any) -> LabelStudioClient:
+    """A client of the test server (closed after each test by ``_close_clients``)."""
     transport = kw.pop("transport", None)
     settings = LabelStudioSettings(
-        url=server.url, api_key=server.token, document_root=server.document_root, **kw
+        url=kw.pop("url", server.url),
+        api_key=server.token,
+        document_root=server.document_root,
+        **kw,
     )
     http = httpx.Client(transport=transport, timeout=60) if transport is not None else None
-    return LabelStudioClient(settings, httpx_client=http)
+    client = LabelStudioClient(settings, httpx_client=http)
+    _OPEN_CLIENTS.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop().close()
 
 
 def keypoint(x_px: float, y_px: float, *, positive: bool = True) -> dict[str, Any]:
@@ -501,9 +517,7 @@ def test_label_studio_failing_mid_read_is_retried_or_stops_before_writing(
     assert failed and (result.added, result.problems) == (3, ())
 
     # Label Studio down altogether: a typed error naming the URL, not the token.
-    down = LabelStudioClient(
-        LabelStudioSettings(url="http://127.0.0.1:9", api_key=label_studio.token, max_retries=0)
-    )
+    down = client_for(label_studio, url="http://127.0.0.1:9", max_retries=0)
     with pytest.raises(AnnotationError, match="did not answer") as err:
         reconcile_project(down, store, setup.project.id)
     assert label_studio.token not in str(err.value)
