@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from engine.amg.generator import AutomaticMaskGenerator
 from engine.predictor import SamPredictor
@@ -193,7 +194,7 @@ def mask_records(
                 model_version=model_version,
                 # The id write_masks would derive; set here so SA-1B files can name it.
                 mask_id=make_mask_id(
-                    image_id, STAGE, round, run_id, SOURCE, segmentation["counts"]
+                    image_id, str(STAGE), str(round), run_id, SOURCE, segmentation["counts"]
                 ),
             )
         )
@@ -302,7 +303,7 @@ class _StoredEmbeddings:
         pixels = image() if callable(image) else image
         loaded = self.store.load_embedding(image_id, self.model_version)
         if loaded is not None and _fits(loaded, pixels.shape[:2], predictor):
-            predictor.set_embedding(loaded[0], loaded[1])
+            predictor.set_embedding(torch.from_numpy(loaded[0]), loaded[1])
             self.hits += 1
             return
         predictor.set_image(pixels)

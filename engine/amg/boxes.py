@@ -21,22 +21,22 @@ def masks_to_boxes_xyxy(masks: np.ndarray) -> np.ndarray:
     n, h, w = masks.shape
     if n == 0:
         return np.zeros((0, 4), dtype=np.int64)
-    rows = masks.any(axis=2)  # (N, H)
-    cols = masks.any(axis=1)  # (N, W)
+    rows: np.ndarray = np.any(masks, axis=2)  # (N, H)
+    cols: np.ndarray = np.any(masks, axis=1)  # (N, W)
     top = rows.argmax(axis=1)
     bottom = h - 1 - rows[:, ::-1].argmax(axis=1)
     left = cols.argmax(axis=1)
     right = w - 1 - cols[:, ::-1].argmax(axis=1)
     boxes = np.stack([left, top, right, bottom], axis=1).astype(np.int64)
-    boxes[~rows.any(axis=1)] = 0
+    boxes[~np.any(rows, axis=1)] = 0
     return boxes
 
 
 def xyxy_inclusive_to_xywh(boxes: np.ndarray) -> np.ndarray:
-    """End-inclusive XYXY ``(N, 4)`` -> tight XYWH ``(N, 4)`` float64 (pixel counts as w, h);
-    an all-zero box (empty mask) stays all zero."""
+    """End-inclusive XYXY ``(N, 4)`` of non-empty masks -> tight XYWH ``(N, 4)`` float64 (w, h
+    count pixels). An inclusive box cannot tell an empty mask from one pixel at (0, 0), so
+    callers drop empty masks first (the generator never returns them)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     out = boxes.copy()
     out[:, 2:] = boxes[:, 2:] - boxes[:, :2] + 1
-    out[~boxes.any(axis=1)] = 0
     return out

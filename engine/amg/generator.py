@@ -270,15 +270,15 @@ class AutomaticMaskGenerator:
                 (masks.crop_boxes[:, 2] - masks.crop_boxes[:, 0])
                 * (masks.crop_boxes[:, 3] - masks.crop_boxes[:, 1])
             )
-            keep = nms(torch.as_tensor(masks.boxes), 1 / crop_area, self.crop_nms_thresh)
-            masks = masks.take(keep.numpy())
+            by_zoom = nms(torch.as_tensor(masks.boxes), 1 / crop_area, self.crop_nms_thresh)
+            masks = masks.take(by_zoom.numpy())
         if self.min_mask_region_area > 0 and len(masks):
-            keep, rles, boxes = clean_up_masks(
+            kept, rles, boxes = clean_up_masks(
                 masks.rles,
                 self.min_mask_region_area,
                 max(self.box_nms_thresh, self.crop_nms_thresh),
             )
-            masks = masks.take(keep)
+            masks = masks.take(kept)
             masks.rles, masks.boxes = rles, boxes
             if self.max_mask_region_fraction is not None:
                 # Filling holes can grow a mask past the limit.
@@ -340,7 +340,7 @@ class AutomaticMaskGenerator:
         coords = self.predictor.transform.apply_coords(points, crop.size)
         decoded = decoder.run(torch.as_tensor(coords, dtype=torch.float32))
         iou = decoded.iou_predictions.flatten().cpu().numpy()  # (3B,): prompt-major
-        candidates = np.arange(iou.size)
+        candidates: np.ndarray = np.arange(iou.size)
         if self.pred_iou_thresh > 0.0:
             candidates = candidates[iou > self.pred_iou_thresh]
         if candidates.size == 0:
@@ -354,47 +354,59 @@ class AutomaticMaskGenerator:
             possible = bound >= self.stability_score_thresh
             candidates, low_res = candidates[possible], low_res[torch.as_tensor(possible)]
         parts = []
-        for chunk in self._chunks(len(candidates), crop.size):
-            logits = upsampler.upsample(low_res[chunk]).numpy()
-            rows, part = self._masks_from_logits(logits, crop)
+        for chunk in self._chunks(len(candidates), crop):
+            # Column-major (x-first) logits: thresholded, they are what COCO RLE encodes.
+            logits_t = upsampler.upsample(low_res[chunk], transposed=True)
+            rows, part = self._masks_from_logits(logits_t, crop)
             chosen = candidates[chunk][rows]
             part.iou = iou[chosen]
             part.points = points[chosen // 3]
             parts.append(part)
         return _Masks.concat(parts)
 
-    def _chunks(self, n: int, size: tuple[int, int]) -> Iterator[slice]:
-        step = max(1, self.upsample_pixels // (size[0] * size[1]))
+    def _chunks(self, n: int, crop: _Crop) -> Iterator[slice]:
+        """Slices of at most ``upsample_pixels`` float32 logits (4 bytes a pixel) and as many
+        bytes again of whole-image bool masks (1 byte a pixel) for the RLE encoder."""
+        crop_h, crop_w = crop.size
+        image_h, image_w = crop.image_size
+        step = min(
+            self.upsample_pixels // (crop_h * crop_w),
+            4 * self.upsample_pixels // (image_h * image_w),
+        )
+        step = max(1, step)
         for start in range(0, n, step):
             yield slice(start, min(start + step, n))
 
-    def _masks_from_logits(self, logits: np.ndarray, crop: _Crop) -> tuple[np.ndarray, _Masks]:
-        """Filter and encode masks from full-resolution logits ``(K, h, w)`` of one crop.
+    def _masks_from_logits(self, logits_t: np.ndarray, crop: _Crop) -> tuple[np.ndarray, _Masks]:
+        """Filter and encode masks from full-resolution logits of one crop, given transposed
+        as ``(K, w, h)``.
 
-        Returns the rows of ``logits`` kept and their RLEs (whole image), boxes (crop pixels)
-        and stability scores; the caller fills in IoU and points.
+        Returns the rows of ``logits_t`` kept and their RLEs (whole image), boxes (crop
+        pixels) and stability scores; the caller fills in IoU and points.
         """
         threshold = self.model.mask_threshold
         offset = self.stability_score_offset
         # numpy's count_nonzero on a contiguous bool array is several times faster than a sum.
-        high = np.array([np.count_nonzero(m > threshold + offset) for m in logits])
-        low = np.array([np.count_nonzero(m > threshold - offset) for m in logits])
+        high = np.array([np.count_nonzero(m > threshold + offset) for m in logits_t])
+        low = np.array([np.count_nonzero(m > threshold - offset) for m in logits_t])
         stability = stability_from_counts(high, low)
-        rows = np.arange(len(logits))
+        rows: np.ndarray = np.arange(len(logits_t))
         if self.stability_score_thresh > 0.0:
             rows = rows[stability >= self.stability_score_thresh]
-        binary = logits[rows] > threshold
-        boxes = masks_to_boxes_xyxy(binary)
+            logits_t = logits_t[rows]
+        binary_t = logits_t > threshold  # (K, w, h)
+        boxes = masks_to_boxes_xyxy(binary_t.transpose(0, 2, 1))
         x0, y0, _, _ = crop.box
         height, width = crop.image_size
-        area = np.array([np.count_nonzero(m) for m in binary], dtype=np.int64)
+        area = np.array([np.count_nonzero(m) for m in binary_t], dtype=np.int64)
         keep = area > 0
         in_image = boxes + np.array([x0, y0, x0, y0])
         keep &= ~box_near_crop_edge(in_image, crop.box, [0, 0, width, height])
         keep &= ~self._too_large(area, height * width)
-        binary, boxes, rows = binary[keep], boxes[keep], rows[keep]
+        if not keep.all():
+            binary_t, boxes, rows = binary_t[keep], boxes[keep], rows[keep]
         masks = _Masks(
-            rles=_encode_in_image(binary, crop),
+            rles=_encode_in_image(binary_t, crop),
             boxes=boxes,
             iou=np.zeros(len(rows), dtype=np.float32),
             stability=stability[rows],
@@ -437,17 +449,18 @@ class AutomaticMaskGenerator:
         return rle
 
 
-def _encode_in_image(binary: np.ndarray, crop: _Crop) -> list[Rle]:
-    """COCO RLEs of crop masks ``(K, h, w)`` placed in the whole image."""
-    if len(binary) == 0:
+def _encode_in_image(binary_t: np.ndarray, crop: _Crop) -> list[Rle]:
+    """COCO RLEs of crop masks given transposed, ``(K, w, h)``, placed in the whole image."""
+    if len(binary_t) == 0:
         return []
     height, width = crop.image_size
     x0, y0, x1, y1 = crop.box
-    if (x0, y0, x1, y1) == (0, 0, width, height):
-        return rle_codec.encode(binary)
-    full = np.zeros((len(binary), height, width), dtype=bool)
-    full[:, y0:y1, x0:x1] = binary
-    return rle_codec.encode(full)
+    if (x0, y0, x1, y1) != (0, 0, width, height):
+        full_t = np.zeros((len(binary_t), width, height), dtype=bool)
+        full_t[:, x0:x1, y0:y1] = binary_t
+        binary_t = full_t
+    # (K, W, H) in C order is (K, H, W) column-major: encoded without a copy.
+    return rle_codec.encode(binary_t.transpose(0, 2, 1))
 
 
 def _check_grid(grid: np.ndarray, layer: int) -> np.ndarray:

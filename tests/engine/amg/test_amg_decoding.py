@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from engine.amg.decoding import PointDecoder
 from engine.amg.stability import stability_score
@@ -52,23 +53,36 @@ CASES = [
 ]
 
 
+def _published_postprocess(logits, side, resized, original):
+    """SAM's postprocess_masks as published: F.interpolate to the square input, crop, resize."""
+    up = F.interpolate(logits[:, None], (side, side), mode="bilinear", align_corners=False)
+    up = up[..., : resized[0], : resized[1]]
+    return F.interpolate(up, original, mode="bilinear", align_corners=False)[:, 0]
+
+
 @pytest.mark.parametrize(("low", "side", "resized", "original"), CASES)
 def test_upsample_equals_postprocess_masks(tiny, low, side, resized, original) -> None:
     torch.manual_seed(2)
-    logits = torch.randn(3, 1, *low) * 8
-
-    class _Frame:  # postprocess_masks reads only img_size
-        img_size = side
-
-    expected = type(tiny).postprocess_masks(_Frame(), logits, resized, original)[:, 0]
+    logits = torch.randn(3, *low) * 8
+    expected = _published_postprocess(logits, side, resized, original).numpy()
     upsampler = LogitUpsampler(low, side, resized, original)
     rows, cols = upsampler.needed_low_res
     # The decoder hands over whole embedding cells (multiples of 4 low-res rows).
     rows, cols = min(low[0], -(-rows // 4) * 4), min(low[1], -(-cols // 4) * 4)
-    got = upsampler.upsample(logits[:, 0, :rows, :cols])
-    assert torch.equal(got, expected)
+    got = upsampler.upsample(logits[:, :rows, :cols])
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=3e-5 * float(logits.abs().max()))
+    transposed = upsampler.upsample(logits[:, :rows, :cols], transposed=True)
+    np.testing.assert_allclose(transposed.transpose(0, 2, 1), got, rtol=0, atol=1e-3)
+
+    # The model's own postprocessing (whichever backend it uses) agrees too.
+    class _Frame:  # postprocess_masks reads only img_size
+        img_size = side
+
+    model_out = type(tiny).postprocess_masks(_Frame(), logits[:, None], resized, original)
+    np.testing.assert_allclose(model_out[:, 0].numpy(), got, rtol=0, atol=1e-3)
     with pytest.raises(ValueError):
-        upsampler.upsample(logits[:, 0, : upsampler.needed_low_res[0] - 1, :])
+        upsampler.upsample(logits[:, : upsampler.needed_low_res[0] - 1, :])
 
 
 @pytest.mark.parametrize(("low", "side", "resized", "original"), CASES)
@@ -83,7 +97,7 @@ def test_stability_bound_is_never_below_the_score(low, side, resized, original) 
     steps[2, 30:31, 30:31] = 3.0
     logits = torch.cat([smooth, steps])
     upsampler = LogitUpsampler(low, side, resized, original)
-    full = upsampler.upsample(logits)
+    full = torch.from_numpy(upsampler.upsample(logits))
     exact = stability_score(full, 0.0, 1.0).numpy()
     bound = upsampler.stability_upper_bound(logits.numpy(), 0.0, 1.0)
     finite = ~np.isnan(exact)
