@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "python": platform.python_version(),
+            "cores": os.cpu_count(),
+            "torch_threads": _torch_threads(),
+            "load_average_1m": os.getloadavg()[0],
         },
         "target_p95_ms_cached_vit_b": TARGET_P95_MS,
         "rows": rows,
