@@ -6,18 +6,23 @@ Where the work runs is a :class:`ClusterSpec`:
 - ``ClusterSpec(workers=N)``: a ``distributed.LocalCluster`` of N worker processes, one thread each;
 - ``ClusterSpec(address="tcp://host:8786")``: an existing Dask scheduler (e.g. docker-compose's).
 
-The images are cut into shards (:func:`shard_images`); each shard is one Prefect task that
-``prefect_dask.DaskTaskRunner`` hands to a Dask worker. The worker loads the model once per process
-(:func:`loaded_model` caches it by checkpoint URI), processes the shard's images and writes the
-results itself through the ``MaskStore``: stage-3 masks with one ``write_masks`` commit per shard,
-embeddings with ``save_embedding``.
+The input (image files for stage 3, registered image ids for embeddings) is cut into shards
+(:func:`make_shards`); each shard is one Prefect task that ``prefect_dask.DaskTaskRunner`` hands
+to a Dask worker. The worker loads the model once per process (:func:`loaded_model` caches it by
+:class:`ModelRef`), processes its shard and writes the results itself through the ``MaskStore``:
+stage-3 masks with ``engine.amg.generate_for_images`` (the same per-image work as
+``data-engine amg``), one ``write_masks`` commit per shard; embeddings with ``save_embedding``.
 
-Why a lost worker never duplicates masks: a shard's masks are written with the round's ``run_id``,
-so their ids (``make_mask_id`` over image, stage, round, run, source and RLE) are the same every
-time the shard runs, and ``write_masks`` skips ids already committed. When Dask re-runs a shard
-whose worker died, after its commit the rerun commits nothing, before its commit it commits the
-shard once. After the commit a small done-marker (``runs/...``) is written so that rerunning a
-finished round skips the finished shards' compute too.
+Why a lost worker never duplicates masks: every shard writes with the round's ``run_id``, so its
+mask ids (``make_mask_id`` over image, stage, round, run, source and RLE) are the same every time
+it runs, and ``write_masks`` skips ids already committed. When Dask re-runs a shard whose worker
+died, after its commit the rerun commits nothing; before its commit, it commits the shard once.
+After the commit a small done-marker (``runs/...`` in the store) is written, so rerunning a
+finished round skips the finished shards' compute as well.
+
+Masks are bitwise the same as a single-process run when every process runs torch on the same
+number of threads (Dask workers use one): a mask is ``logits > 0``, and another summation order
+can flip a pixel, hence its RLE and id.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -52,12 +58,15 @@ __all__ = [
     "fan_out_shards",
     "generate_shard",
     "loaded_model",
+    "make_shards",
     "precompute_embeddings",
+    "resolve_model",
     "run_stage3",
-    "shard_images",
     "shard_task",
     "task_runner_for",
 ]
+
+_REGISTRY_VERSION = re.compile(r"^(latest|v\d{4,})$")
 
 
 @dataclass(frozen=True)
@@ -91,16 +100,18 @@ class ClusterSpec:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model checkpoint to load on the workers; the per-process cache key.
+    """A checkpoint every worker can read (local path or ``s3://``); the per-process cache key.
 
-    ``checkpoint`` is a local path or ``s3://`` URI every worker can read; ``version`` names the
-    model when the checkpoint does not (official SAM weights).
+    ``version`` is recorded on the masks and keys stored embeddings; None means the checkpoint's
+    own version, else ``ckpt-`` and 16 hex digits of its SHA-256 (as ``data-engine amg``).
+    Build one from a registry version or a path with :func:`resolve_model`.
     """
 
     checkpoint: str
     version: str | None = None
     variant: str | None = None
     endpoint_url: str | None = None
+    device: str = "cpu"
 
 
 @dataclass
@@ -114,14 +125,14 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class Shard:
-    """A slice of a round's images; ``key`` is stable for the same images in the same order."""
+    """A slice of the input (image URIs or ids); ``key`` is stable for the same items in order."""
 
     index: int
-    image_ids: tuple[str, ...]
+    items: tuple[str, ...]
 
     @property
     def key(self) -> str:
-        digest = hashlib.sha256("\x1f".join(self.image_ids).encode("utf-8")).hexdigest()
+        digest = hashlib.sha256("\x1f".join(self.items).encode("utf-8")).hexdigest()
         return f"{self.index:05d}-{digest[:16]}"
 
 
@@ -134,24 +145,48 @@ class ShardResult:
     worker: str
     seconds: float
     model_load_s: float = 0.0
+    images_done: int = 0
     masks_written: int = 0
-    masks_skipped: int = 0
-    commit_sequence: int | None = None
+    masks_already_stored: int = 0
     embeddings_computed: int = 0
+    skipped: list[list[str]] = field(default_factory=list)  # [uri, reason] per unusable image
     already_done: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def shard_images(image_ids: Sequence[str], shard_size: int) -> list[Shard]:
-    """Cut ``image_ids`` into shards of ``shard_size`` images, in order."""
+def make_shards(items: Sequence[str], shard_size: int) -> list[Shard]:
+    """Cut ``items`` into shards of ``shard_size``, in order."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ConfigError(f"shard_size must be an integer >= 1, got {shard_size!r}")
-    if len(set(image_ids)) != len(image_ids):
-        raise ConfigError("image_ids repeat an image; each image belongs to one shard")
+    if len(set(items)) != len(items):
+        raise ConfigError("the input repeats an image; each image belongs to one shard")
     return [
-        Shard(i, tuple(image_ids[start : start + shard_size]))
-        for i, start in enumerate(range(0, len(image_ids), shard_size))
+        Shard(i, tuple(items[start : start + shard_size]))
+        for i, start in enumerate(range(0, len(items), shard_size))
     ]
+
+
+def resolve_model(
+    model: str, *, root: str, endpoint_url: str | None = None, device: str = "cpu"
+) -> ModelRef:
+    """``latest``, a registry version (``v0003``) of the store at ``root``, or a checkpoint path.
+
+    Resolved once, on the caller's side: a promotion during the run never gives two workers
+    two different models.
+    """
+    if not _REGISTRY_VERSION.match(model):
+        return ModelRef(model, endpoint_url=endpoint_url, device=device)
+    from engine.registry import ModelRegistry
+    from storage.mask_store import MaskStore
+
+    registry = ModelRegistry(MaskStore(root, endpoint_url=endpoint_url))
+    card = registry.resolve(model)
+    return ModelRef(
+        registry.checkpoint_uri(card.version),
+        version=card.version,
+        variant=card.variant,
+        endpoint_url=endpoint_url,
+        device=device,
+    )
 
 
 # --- the per-process model cache ----------------------------------------------------------------
@@ -172,16 +207,19 @@ def loaded_model(ref: ModelRef) -> tuple[LoadedModel, bool]:
             return cached, False
         _limit_torch_threads_in_dask_worker()
         from engine.checkpoint import load_checkpoint
+        from storage.location import read_uri
 
         start = time.perf_counter()
         model, meta = load_checkpoint(
-            ref.checkpoint, variant=ref.variant, endpoint_url=ref.endpoint_url
+            ref.checkpoint,
+            variant=ref.variant,
+            map_location=ref.device,
+            endpoint_url=ref.endpoint_url,
         )
-        version = meta.version or ref.version
+        version = ref.version or meta.version
         if not version:
-            raise ConfigError(
-                f"checkpoint {ref.checkpoint!r} does not name its version; pass ModelRef(version=)"
-            )
+            data = read_uri(ref.checkpoint, endpoint_url=ref.endpoint_url)
+            version = f"ckpt-{hashlib.sha256(data).hexdigest()[:16]}"
         loaded = LoadedModel(model, version, time.perf_counter() - start)
         _MODELS[ref] = loaded
         return loaded, True
@@ -192,7 +230,7 @@ def _limit_torch_threads_in_dask_worker() -> None:
         from distributed import get_worker
 
         threads = get_worker().state.nthreads
-    except (ImportError, ValueError):  # not inside a Dask worker: leave torch as the caller set it
+    except (ImportError, ValueError):  # not in a Dask worker: torch stays as the caller set it
         return
     import torch
 
@@ -224,83 +262,34 @@ def _mark_finished(store: Any, key: str, result: ShardResult) -> None:
     store.put_object(key, json.dumps(asdict(result), indent=1).encode("utf-8"))
 
 
-# --- bulk embeddings ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EmbeddingJob:
-    """Precompute image embeddings of ``model`` for the images of a dataset root."""
-
-    root: str
-    model: ModelRef
-    run_id: str
-    endpoint_url: str | None = None
-
-
-def embed_shard(job: EmbeddingJob, shard: Shard) -> ShardResult:
-    """Worker side: embed the shard's images that have no cached embedding for the model yet."""
-    from engine.embeddings import EmbeddingCache
-    from engine.predictor import SamPredictor
-    from storage.mask_store import MaskStore
-
-    start = time.perf_counter()
-    store = MaskStore(job.root, endpoint_url=job.endpoint_url)
-    marker = _marker_key("embeddings", job.run_id, shard)
-    done = _finished(store, marker)
-    if done is not None:
-        return done
-    loaded, loaded_now = loaded_model(job.model)
-    cache = EmbeddingCache(loaded.version, max_items=1, store=store)
-    predictor = SamPredictor(loaded.model)
-    for image_id in shard.image_ids:
-        cache.get_or_compute(image_id, lambda i=image_id: np.array(store.load_image(i)), predictor)
-    result = ShardResult(
-        shard=shard.key,
-        images=len(shard.image_ids),
-        worker=_worker_name(),
-        seconds=time.perf_counter() - start,
-        model_load_s=loaded.load_s if loaded_now else 0.0,
-        embeddings_computed=cache.stats.computed,
-    )
-    _mark_finished(store, marker, result)
-    return result
-
-
-def precompute_embeddings(
-    job: EmbeddingJob, image_ids: Sequence[str], *, cluster: ClusterSpec, shard_size: int = 8
-) -> list[ShardResult]:
-    """Embed every image of ``image_ids`` (skipping cached ones), sharded over ``cluster``."""
-    return fan_out(embed_shard, job, shard_images(image_ids, shard_size), cluster=cluster)
-
-
-# --- stage 3 -----------------------------------------------------------------------------------
+# --- stage 3 ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Stage3Job:
-    """One stage-3 round: the generator's arguments, the model and the round's provenance.
+    """One stage-3 run over image files, as ``data-engine amg`` would do it in one process.
 
-    ``generator_kwargs`` are ``AutomaticMaskGenerator`` keyword arguments (e.g.
-    ``engine.amg.paper_preset()``). ``run_id`` must be the same for every shard and every retry
-    of the round: it is part of each mask's id. ``use_embedding_cache`` reads (and writes) whole
-    image embeddings in the store, worth it when they were precomputed.
+    ``generator_kwargs`` are ``AutomaticMaskGenerator`` arguments (e.g. ``paper_preset()``).
+    ``run_id`` must be the same for every shard and every retry: it is part of each mask id.
+    The other fields are ``engine.amg.generate_for_images``'s.
     """
 
     root: str
     model: ModelRef
-    round: int
     run_id: str
+    round: int = 0
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
+    split: str = "pool"
+    max_pixels: int = 64_000_000
+    reuse_embeddings: bool = True
+    sa1b_out: str | None = None
     endpoint_url: str | None = None
-    use_embedding_cache: bool = False
-    source: str = "auto"
 
 
 def generate_shard(job: Stage3Job, shard: Shard) -> ShardResult:
-    """Worker side: stage-3 masks of the shard's images, committed in one ``write_masks``."""
-    from engine.amg import AutomaticMaskGenerator
-    from engine.embeddings import EmbeddingCache
-    from storage.mask_store import MaskRecord, MaskStore
+    """Worker side: register the shard's images, generate their masks, commit them once."""
+    from engine.amg import AutomaticMaskGenerator, generate_for_images
+    from storage.mask_store import MaskStore
 
     start = time.perf_counter()
     store = MaskStore(job.root, endpoint_url=job.endpoint_url)
@@ -310,38 +299,30 @@ def generate_shard(job: Stage3Job, shard: Shard) -> ShardResult:
         return done
     loaded, loaded_now = loaded_model(job.model)
     generator = AutomaticMaskGenerator(loaded.model, **job.generator_kwargs)
-    cache = EmbeddingCache(loaded.version, store=store) if job.use_embedding_cache else None
-    records = []
-    for image_id in shard.image_ids:
-        image = np.array(store.load_image(image_id))  # writable: torch warns on read-only
-        for mask in generator.generate(image, image_id=image_id, embeddings=cache):
-            records.append(
-                MaskRecord(
-                    image_id=image_id,
-                    segmentation=mask["segmentation"],
-                    stage=3,
-                    round=job.round,
-                    source=job.source,
-                    run_id=job.run_id,
-                    predicted_iou=float(mask["predicted_iou"]),
-                    stability_score=float(mask["stability_score"]),
-                    point_coords=[[float(x), float(y)] for x, y in mask["point_coords"]],
-                    crop_box=[float(v) for v in mask["crop_box"]],
-                    model_version=loaded.version,
-                )
-            )
-    # mask_id is left to write_masks: a hash of image, stage, round, run, source and RLE, the
-    # same on every rerun of this shard, so a retried shard never commits a mask twice.
-    info = store.write_masks(records, stage=3, round=job.round, run_id=job.run_id)
+    summary = generate_for_images(
+        generator,
+        list(shard.items),
+        store,
+        model_version=loaded.version,
+        run_id=job.run_id,
+        round=job.round,
+        split=job.split,
+        batch_size=len(shard.items),  # one commit per shard
+        max_pixels=job.max_pixels,
+        reuse_embeddings=job.reuse_embeddings,
+        sa1b_out=job.sa1b_out,
+        endpoint_url=job.endpoint_url,
+    )
     result = ShardResult(
         shard=shard.key,
-        images=len(shard.image_ids),
+        images=len(shard.items),
         worker=_worker_name(),
         seconds=time.perf_counter() - start,
         model_load_s=loaded.load_s if loaded_now else 0.0,
-        masks_written=info.counts["masks"],
-        masks_skipped=info.counts["skipped"],
-        commit_sequence=info.sequence if info.files else None,
+        images_done=summary.images_done,
+        masks_written=summary.masks_written,
+        masks_already_stored=summary.masks_already_stored,
+        skipped=[[s.uri, s.reason] for s in summary.skipped],
     )
     _mark_finished(store, marker, result)
     return result
@@ -349,7 +330,7 @@ def generate_shard(job: Stage3Job, shard: Shard) -> ShardResult:
 
 @dataclass
 class RoundSummary:
-    """A fanned-out run: per-shard results plus totals. ``images_per_s`` over the wall time."""
+    """A fanned-out run: per-shard results and totals; ``images_per_s`` over the wall time."""
 
     shards: list[ShardResult]
     wall_s: float
@@ -367,7 +348,7 @@ class RoundSummary:
         return self.images / self.wall_s if self.wall_s > 0 else 0.0
 
     def model_load_s(self) -> dict[str, float]:
-        """Seconds each worker process spent loading the model (workers that loaded it)."""
+        """Seconds each worker process spent loading the model during the run."""
         loads: dict[str, float] = {}
         for r in self.shards:
             if r.model_load_s > 0:
@@ -377,20 +358,73 @@ class RoundSummary:
 
 def run_stage3(
     job: Stage3Job,
-    image_ids: Sequence[str],
+    uris: Sequence[str],
     *,
     cluster: ClusterSpec | None = None,
-    shard_size: int = 4,
+    shard_size: int = 8,
 ) -> RoundSummary:
-    """Run one stage-3 round over ``image_ids``: in this process (default) or on a Dask cluster.
+    """Stage-3 masks for image files ``uris``: in this process (default) or on a Dask cluster.
 
-    Every shard commits its masks as it finishes; rerunning the same job (same ``run_id``)
-    skips finished shards and never duplicates a mask. This is what ``data-engine amg
-    --workers N / --dask-address`` and the stage-3 flow call.
+    Each shard commits its masks when it finishes; rerunning the same job (same ``run_id``)
+    skips finished shards and never duplicates a mask. ``data-engine amg --workers N`` /
+    ``--dask-address`` and the stage-3 flow call this.
     """
     start = time.perf_counter()
-    shards = shard_images(image_ids, shard_size)
+    shards = make_shards(uris, shard_size)
     results = fan_out(generate_shard, job, shards, cluster=cluster or ClusterSpec())
+    return RoundSummary(results, time.perf_counter() - start)
+
+
+# --- bulk embeddings ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbeddingJob:
+    """Precompute the model's image embeddings for registered images of the store at ``root``."""
+
+    root: str
+    model: ModelRef
+    run_id: str
+    endpoint_url: str | None = None
+
+
+def embed_shard(job: EmbeddingJob, shard: Shard) -> ShardResult:
+    """Worker side: embed the shard's images that have no stored embedding for the model yet."""
+    from engine.embeddings import EmbeddingCache
+    from engine.predictor import SamPredictor
+    from storage.mask_store import MaskStore
+
+    start = time.perf_counter()
+    store = MaskStore(job.root, endpoint_url=job.endpoint_url)
+    marker = _marker_key("embeddings", job.run_id, shard)
+    done = _finished(store, marker)
+    if done is not None:
+        return done
+    loaded, loaded_now = loaded_model(job.model)
+    cache = EmbeddingCache(loaded.version, max_items=1, store=store)
+    predictor = SamPredictor(loaded.model)
+    for image_id in shard.items:
+        # np.array: a writable copy (torch warns on the store's read-only arrays).
+        cache.get_or_compute(image_id, lambda i=image_id: np.array(store.load_image(i)), predictor)
+    result = ShardResult(
+        shard=shard.key,
+        images=len(shard.items),
+        worker=_worker_name(),
+        seconds=time.perf_counter() - start,
+        model_load_s=loaded.load_s if loaded_now else 0.0,
+        images_done=len(shard.items),
+        embeddings_computed=cache.stats.computed,
+    )
+    _mark_finished(store, marker, result)
+    return result
+
+
+def precompute_embeddings(
+    job: EmbeddingJob, image_ids: Sequence[str], *, cluster: ClusterSpec, shard_size: int = 8
+) -> RoundSummary:
+    """Embed every registered image of ``image_ids`` (skipping stored ones) over ``cluster``."""
+    start = time.perf_counter()
+    results = fan_out(embed_shard, job, make_shards(image_ids, shard_size), cluster=cluster)
     return RoundSummary(results, time.perf_counter() - start)
 
 
@@ -459,12 +493,13 @@ def fan_out(
     *,
     cluster: ClusterSpec,
 ) -> list[ShardResult]:
-    """Run ``work(job, shard)`` for every shard: in this process, or as a Prefect flow whose
-    tasks a ``DaskTaskRunner`` spreads over ``cluster``. Results come back in shard order.
+    """Run ``work(job, shard)`` for every shard: in this process, or as the Prefect flow
+    :func:`fan_out_shards` whose tasks a ``DaskTaskRunner`` spreads over ``cluster``.
 
-    ``work`` must be a module-level function (workers import it by name).
+    ``work`` must be a module-level function (workers import it by name). Results come back in
+    shard order.
     """
     if not cluster.distributed:
         return [work(job, shard) for shard in shards]
-    flow = fan_out_shards.with_options(task_runner=task_runner_for(cluster))
-    return list(flow(work, job, list(shards)))
+    runner = fan_out_shards.with_options(task_runner=task_runner_for(cluster))
+    return list(runner(work, job, list(shards)))
