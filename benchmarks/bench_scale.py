@@ -59,18 +59,6 @@ def _prepare(tmp: Path, n_images: int, size: int) -> tuple[str, list[Path]]:
     return checkpoint, paths
 
 
-def _new_root(root: Path, paths: list[Path], size: int) -> tuple[str, list[str]]:
-    from storage.images import image_id_for, sha256_hex
-    from storage.mask_store import ImageRecord, MaskStore
-
-    records = []
-    for path in paths:
-        data = path.read_bytes()
-        records.append(ImageRecord(image_id_for(data), str(path), size, size, sha256_hex(data)))
-    MaskStore(str(root)).add_images(records)
-    return str(root), [r.image_id for r in records]
-
-
 def _warm_worker(ref: Any) -> tuple[str, float, bool]:
     """Run on a Dask worker: load the model into its per-process cache."""
     from flows.distributed import loaded_model
@@ -94,7 +82,7 @@ def _cluster(workers: int) -> Iterator[Any]:
 
 
 def _run_dask(
-    workers: int, job: Any, image_ids: list[str], shard_size: int
+    workers: int, job: Any, uris: list[str], shard_size: int
 ) -> tuple[dict[str, Any], dict[str, float]]:
     from flows.distributed import ClusterSpec, run_stage3
 
@@ -102,7 +90,7 @@ def _run_dask(
         warm = client.run(_warm_worker, job.model)
         loads = {name: load_s for name, load_s, _ in warm.values()}
         cluster = ClusterSpec(address=client.scheduler.address)
-        summary = run_stage3(job, image_ids, cluster=cluster, shard_size=shard_size)
+        summary = run_stage3(job, uris, cluster=cluster, shard_size=shard_size)
     reloaded = [r.worker for r in summary.shards if r.model_load_s > 0]
     row = {
         "name": f"dask-{workers}",
@@ -117,7 +105,7 @@ def _run_dask(
     return row, loads
 
 
-def _run_in_process(job: Any, image_ids: list[str], shard_size: int) -> dict[str, Any]:
+def _run_in_process(job: Any, uris: list[str], shard_size: int) -> dict[str, Any]:
     import torch
 
     from flows.distributed import loaded_model, run_stage3
@@ -126,7 +114,7 @@ def _run_in_process(job: Any, image_ids: list[str], shard_size: int) -> dict[str
     torch.set_num_threads(1)
     try:
         loaded_model(job.model)  # load outside the clock, as on the workers
-        summary = run_stage3(job, image_ids, shard_size=shard_size)
+        summary = run_stage3(job, uris, shard_size=shard_size)
     finally:
         torch.set_num_threads(threads)
     return {
@@ -170,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint, paths = _prepare(tmp, n_images, size)
 
+        uris = [str(p) for p in paths]
+
         def job_for(name: str) -> tuple[Any, list[str]]:
-            root, ids = _new_root(tmp / name, paths, size)
-            job = Stage3Job(root, ModelRef(checkpoint), 1, "bench-r1", generator)
-            return job, ids
+            # A fresh, empty store per configuration; the workers register the images.
+            job = Stage3Job(str(tmp / name), ModelRef(checkpoint), "bench-r1", 1, generator)
+            return job, uris
 
         rows, loads = [], {}
         # A throwaway Prefect server keeps the runs out of the user's Prefect database.
