@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from engine.synthetic import generate_scene
 from storage.errors import TrainingError
+from storage.rle import Rle
 
 __all__ = [
     "StoreTrainingData",
@@ -211,7 +212,7 @@ class StoreTrainingData:
             image_id = self.image_ids[int(rng.integers(len(self.image_ids)))]
             rows = self._rows[image_id]
             cols = self._columns
-            rles = [
+            rles: list[Rle] = [
                 {"size": [cols["height"][i], cols["width"][i]], "counts": cols["counts"][i]}
                 for i in rows
             ]

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from tqdm import tqdm
 from engine.training.data import TrainingData, TrainSample
 from engine.training.simulation import simulate_interactive
 from storage.errors import ConfigError, TrainingError
+
+if TYPE_CHECKING:
+    from engine.modeling.sam import Sam
 
 __all__ = ["StepLog", "TrainConfig", "TrainResult", "collate", "lr_at", "param_groups", "train"]
 
@@ -54,6 +57,7 @@ class TrainConfig:
         decay_factor: the step decay factor (SAM: 0.1).
         grad_clip: max global gradient norm (0: no clipping).
         freeze_image_encoder: train only the prompt encoder and mask decoder.
+        focal_alpha: foreground weight of the focal loss (RetinaNet's 0.25; negative: none).
         seed: seeds data, prompts and nothing else (the model is built by the caller).
         checkpoint_every: steps between checkpoints to ``checkpoint_uri`` (0: only at the end).
     """
@@ -72,6 +76,7 @@ class TrainConfig:
     decay_factor: float = 0.1
     grad_clip: float = 1.0
     freeze_image_encoder: bool = False
+    focal_alpha: float = 0.25
     seed: int = 0
     checkpoint_every: int = 0
 
@@ -140,7 +145,7 @@ class TrainResult:
 
 
 def train(
-    model: torch.nn.Module,
+    model: Sam,
     data: TrainingData,
     config: TrainConfig,
     *,
@@ -159,8 +164,8 @@ def train(
         config: the run's settings.
         start_step: the step to start from (a resumed run's checkpoint step).
         optimizer_state: AdamW state to restore (a resumed run's).
-        checkpoint_uri: where checkpoints go (every ``config.checkpoint_every`` steps, at the end,
-            and the last good weights on a NaN); None: no checkpoints.
+        checkpoint_uri: where checkpoints go (every ``config.checkpoint_every`` steps and at the
+            end; a NaN leaves the last one in place); None: no checkpoints.
         checkpoint_meta: ``version``, ``parent`` and ``trained_on`` for those checkpoints.
         on_step: called after every step with its log; its time does not count as training.
         progress: show a tqdm bar with loss and steps/s.
@@ -209,6 +214,7 @@ def train(
                 no_point_rounds=config.no_point_rounds,
                 generator=generator,
                 freeze_image_encoder=config.freeze_image_encoder,
+                focal_alpha=config.focal_alpha,
             )
             if not torch.isfinite(sim.loss):
                 _stop_on_nan("loss", sim.loss, step, checkpoint_uri, saved_step)
@@ -254,6 +260,8 @@ def train(
                 on_step(log)
     finally:
         bar.close()
+        if config.freeze_image_encoder:  # hand the model back trainable as it came
+            model.image_encoder.requires_grad_(True)
     result.step = step
     result.optimizer_state = optimizer.state_dict()
     if checkpoint_uri:
@@ -269,13 +277,14 @@ def lr_at(step: int, fraction: float, config: TrainConfig) -> float:
     return config.lr * warm * config.decay_factor**decays
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: Sam, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two AdamW groups: matrices/kernels decay, vectors do not.
 
     (nanoGPT's rule: every tensor with 2+ dimensions decays; biases, norm scales and single
     embedding rows do not.)
     """
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if not param.requires_grad:
             continue
@@ -288,7 +297,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def collate(
     samples: list[TrainSample],
-    model: torch.nn.Module,
+    model: Sam,
     masks_per_image: int,
     rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -319,7 +328,7 @@ def _keep_going(step: int, train_s: float, config: TrainConfig, budget_s: float 
 
 
 def _save(
-    model: torch.nn.Module,
+    model: Sam,
     optimizer: torch.optim.Optimizer,
     step: int,
     uri: str,

@@ -44,9 +44,12 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, *, smooth: float = 1.
     return 1 - (2 * inter + smooth) / (total + smooth)
 
 
-def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """SAM's mask loss, ``20 * focal + dice``: ``(B, M)``."""
-    return FOCAL_WEIGHT * focal_loss(logits, targets) + DICE_WEIGHT * dice_loss(logits, targets)
+def mask_loss(
+    logits: torch.Tensor, targets: torch.Tensor, *, focal_alpha: float = 0.25
+) -> torch.Tensor:
+    """SAM's mask loss, ``20 * focal + dice``: ``(B, M)`` (``focal_alpha < 0``: no weighting)."""
+    focal = focal_loss(logits, targets, alpha=focal_alpha)
+    return FOCAL_WEIGHT * focal + DICE_WEIGHT * dice_loss(logits, targets)
 
 
 @torch.no_grad()

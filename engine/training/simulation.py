@@ -25,6 +25,7 @@ Frames: everything is in the model's padded input square; points are xy pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
@@ -36,6 +37,9 @@ from engine.training.prompts import (
     sample_error_points,
     sample_points_in_masks,
 )
+
+if TYPE_CHECKING:
+    from engine.modeling.sam import Sam
 
 __all__ = ["SimulationResult", "no_point_round_indexes", "simulate_interactive"]
 
@@ -84,7 +88,7 @@ def no_point_round_indexes(
 
 
 def simulate_interactive(
-    model: torch.nn.Module,
+    model: Sam,
     images: torch.Tensor,
     gt: torch.Tensor,
     image_index: torch.Tensor,
@@ -93,6 +97,7 @@ def simulate_interactive(
     no_point_rounds: int,
     generator: torch.Generator,
     freeze_image_encoder: bool = False,
+    focal_alpha: float = 0.25,
 ) -> SimulationResult:
     """Run the simulation for a batch of masks and return the loss.
 
@@ -105,6 +110,7 @@ def simulate_interactive(
         no_point_rounds: rounds without a new point (SAM: 2).
         generator: the random source for prompts (on the masks' device).
         freeze_image_encoder: run the encoder without gradients.
+        focal_alpha: the focal loss's foreground weight (negative: none).
     """
     no_point = no_point_round_indexes(num_rounds, no_point_rounds, generator)
     if freeze_image_encoder:
@@ -143,7 +149,7 @@ def simulate_interactive(
         else:
             valid = torch.stack([~multimask, multimask, multimask, multimask], dim=1)
         logits = F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)
-        per_output = mask_loss(logits, gt)
+        per_output = mask_loss(logits, gt, focal_alpha=focal_alpha)
         true_iou = mask_iou(logits, gt)
         inf = torch.full_like(per_output, float("inf"))
         best_loss = torch.where(valid, per_output, inf).min(dim=1).values
