@@ -163,11 +163,28 @@ def test_docker_compose_config_accepts_the_file(
     assert resolved["services"]["worker"]["environment"]["AWS_SECRET_ACCESS_KEY"] == secret
 
 
+def test_worker_config_validates_with_the_environment_compose_gives_it(
+    docker_compose: list[str], tmp_path: Path
+) -> None:
+    from flows.config import load_config
+
+    result = _run_compose(docker_compose, _generated_env(tmp_path), "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    worker = json.loads(result.stdout)["services"]["worker"]
+    config_path = worker["command"][worker["command"].index("--config") + 1]
+    mount = next(v for v in worker["volumes"] if v["target"] == config_path)
+    config = load_config(mount["source"], environ=worker["environment"])
+    assert config.root.startswith("s3://") and config.endpoint_url == "http://minio:9000"
+    assert config.label_studio.url == "http://label-studio:8080"
+    assert config.label_studio.token is not None
+    assert config.label_studio.ml_backend_url == "http://ml-backend:9090"
+
+
 def test_docker_compose_refuses_to_start_with_empty_secrets(docker_compose: list[str]) -> None:
     # .env.example leaves the secrets empty; `${VAR:?}` must stop compose and name the variable.
     result = _run_compose(docker_compose, ENV_EXAMPLE, "config", "--quiet")
     assert result.returncode != 0
-    assert re.search(r"set [A-Z_]+ in \.env", result.stderr), result.stderr
+    assert re.search(r"set [A-Z0-9_]+ in \.env", result.stderr), result.stderr
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -176,8 +193,9 @@ def test_docker_compose_refuses_to_start_with_empty_secrets(docker_compose: list
 def _click_command(group: click.Command, words: list[str]) -> tuple[click.Command, list[str]]:
     """Walk `words` down nested groups; return the leaf command and the words after it."""
     command, rest = group, list(words)
-    while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
-        sub = command.get_command(click.Context(command), rest[0])
+    # Duck-typed: typer may bring its own copy of click, whose Group is not click.Group.
+    while hasattr(command, "commands") and rest and not rest[0].startswith("-"):
+        sub = command.commands.get(rest[0])
         if sub is None:
             raise LookupError(rest[0])
         command, rest = sub, rest[1:]
