@@ -446,7 +446,7 @@ def task_runner_for(cluster: ClusterSpec) -> Any:
             "threads_per_worker": cluster.threads_per_worker,
             "processes": True,
             "memory_limit": cluster.memory_limit,
-            "dashboard_address": None,
+            "dashboard_address": ":0",  # a free port: never a clash, never a warning
         },
     )
 
