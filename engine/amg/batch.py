@@ -26,7 +26,7 @@ import torch
 
 from engine.amg.generator import AutomaticMaskGenerator
 from engine.predictor import SamPredictor
-from storage.errors import ConfigError, ImageError, StorageError
+from storage.errors import ConfigError, ImageError, NotFoundError, StorageError
 from storage.images import decode_image, image_id_for, sha256_hex
 from storage.location import read_uri, write_uri_atomic
 from storage.mask_store import ImageRecord, MaskRecord, MaskStore, make_mask_id
@@ -144,7 +144,7 @@ def generate_for_images(
     start = time.perf_counter()
     summary = AmgRunSummary(images=len(uris))
     embeddings = _StoredEmbeddings(store, model_version) if reuse_embeddings else None
-    pending: list[tuple[_Decoded, list[MaskRecord]]] = []
+    pending: list[tuple[ImageRecord, list[MaskRecord]]] = []
     iterable: Iterable[str] = progress(uris) if progress is not None else uris
     for uri in iterable:
         decoded = _read(uri, max_pixels, endpoint_url, summary)
@@ -156,12 +156,13 @@ def generate_for_images(
         )
         summary.masks_generated += len(records)
         summary.images_done += 1
-        pending.append((decoded, records))
+        # Keep what the commit needs, not the pixels: a batch of large images adds up.
+        pending.append((_image_record(decoded, split), records))
         if len(pending) >= batch_size:
-            _commit(store, pending, split, round, run_id, sa1b_out, endpoint_url, summary)
+            _commit(store, pending, round, run_id, sa1b_out, endpoint_url, summary)
             pending = []
     if pending:
-        _commit(store, pending, split, round, run_id, sa1b_out, endpoint_url, summary)
+        _commit(store, pending, round, run_id, sa1b_out, endpoint_url, summary)
     summary.embeddings_reused = embeddings.hits if embeddings is not None else 0
     summary.seconds = time.perf_counter() - start
     return summary
@@ -249,28 +250,30 @@ def _reason(message: str) -> str:
     return "unreadable"
 
 
+def _image_record(decoded: _Decoded, split: str) -> ImageRecord:
+    return ImageRecord(
+        image_id=decoded.image_id,
+        uri=decoded.uri,
+        width=int(decoded.image.shape[1]),
+        height=int(decoded.image.shape[0]),
+        sha256=decoded.sha256,
+        split=split,
+    )
+
+
 def _commit(
     store: MaskStore,
-    pending: list[tuple[_Decoded, list[MaskRecord]]],
-    split: str,
+    pending: list[tuple[ImageRecord, list[MaskRecord]]],
     round: int,
     run_id: str,
     sa1b_out: str | None,
     endpoint_url: str | None,
     summary: AmgRunSummary,
 ) -> None:
-    images = {
-        d.image_id: ImageRecord(
-            image_id=d.image_id,
-            uri=d.uri,
-            width=int(d.image.shape[1]),
-            height=int(d.image.shape[0]),
-            sha256=d.sha256,
-            split=split,
-        )
-        for d, _ in pending
-    }
-    summary.images_registered += store.add_images(images.values())
+    """Register the batch's new images, commit its masks, write its SA-1B files."""
+    # Images registered before (in either split) stay as they are.
+    new_images = [image for image, _ in pending if not _registered(store, image.image_id)]
+    summary.images_registered += store.add_images(new_images)
     records = [r for _, recs in pending for r in recs]
     if records:
         info = store.write_masks(records, stage=STAGE, round=round, run_id=run_id)
@@ -278,11 +281,19 @@ def _commit(
         summary.masks_already_stored += info.counts["skipped"]
         summary.commits += 1 if info.files else 0
     if sa1b_out is not None:
-        for decoded, recs in pending:
-            image = store.get_image(decoded.image_id)
-            doc = sa1b_document(image, recs)
-            target = sa1b_out.rstrip("/") + f"/{decoded.image_id}.json"
+        for image, recs in pending:
+            # The stored record: an image registered before keeps its first uri.
+            doc = sa1b_document(store.get_image(image.image_id), recs)
+            target = sa1b_out.rstrip("/") + f"/{image.image_id}.json"
             write_uri_atomic(target, json.dumps(doc).encode("utf-8"), endpoint_url=endpoint_url)
+
+
+def _registered(store: MaskStore, image_id: str) -> bool:
+    try:
+        store.get_image(image_id)
+    except NotFoundError:
+        return False
+    return True
 
 
 class _StoredEmbeddings:

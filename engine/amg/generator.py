@@ -243,10 +243,10 @@ class AutomaticMaskGenerator:
         if not image.flags.writeable:
             # Decoded images can be read-only views; torch warns when wrapping those.
             image = image.copy()
-        masks = self.generate_masks(image, image_id=image_id, embeddings=embeddings)
+        masks = self._generate_masks(image, image_id=image_id, embeddings=embeddings)
         return self._records(masks)
 
-    def generate_masks(
+    def _generate_masks(
         self,
         image: np.ndarray,
         *,

@@ -187,3 +187,21 @@ def test_cli_amg_reports_an_unknown_version(tmp_path, image_dir) -> None:
     )
     assert result.exit_code != 0
     assert "v0042" in str(result.exception) or "v0042" in result.output
+
+
+def test_images_already_registered_keep_their_split(model, image_dir, tmp_path) -> None:
+    from storage.images import sha256_hex
+    from storage.mask_store import ImageRecord
+
+    store = MaskStore(str(tmp_path / "store"))
+    data = (image_dir / "b.png").read_bytes()
+    holdout = ImageRecord(
+        image_id_for(data), "elsewhere/b.png", 64, 48, sha256_hex(data), "holdout"
+    )
+    store.add_images([holdout])
+    generator = AutomaticMaskGenerator(model, **LOOSE)
+    summary = generate_for_images(
+        generator, [str(image_dir / "b.png")], store, model_version="m", run_id="r"
+    )
+    assert summary.images_registered == 0 and summary.masks_written > 0
+    assert store.get_image(holdout.image_id).split == "holdout"
