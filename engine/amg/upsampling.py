@@ -39,10 +39,8 @@ _BOUND_MARGIN = 1e-4
 
 @dataclass(frozen=True)
 class _Axis:
-    """One axis of the separable map: output index -> taps into the low-res axis."""
+    """One axis of the separable map: which low-res positions each output position reads."""
 
-    index: np.ndarray  # (n_out, taps) int64, low-res positions (padded taps repeat one)
-    weight: np.ndarray  # (n_out, taps) float32, zero for padded taps
     used: slice  # low-res positions that any output uses
     group_lo: np.ndarray  # (groups,) first low-res position of each distinct support
     group_hi: np.ndarray  # (groups,) last low-res position (inclusive)
@@ -160,14 +158,8 @@ def _axis(low: int, img_size: int, input_len: int, original_len: int) -> _Axis:
     nonzero = matrix > 0
     lo = nonzero.argmax(axis=1)
     hi = low - 1 - nonzero[:, ::-1].argmax(axis=1)
-    taps = int((hi - lo).max()) + 1
-    index = np.minimum(lo[:, None] + np.arange(taps)[None, :], hi[:, None])
-    weight = np.take_along_axis(matrix, index, axis=1)
-    weight[np.arange(taps)[None, :] > (hi - lo)[:, None]] = 0.0
     pairs, counts = np.unique(np.stack([lo, hi], axis=1), axis=0, return_counts=True)
     return _Axis(
-        index=index.astype(np.int64),
-        weight=weight.astype(np.float32),
         used=slice(int(lo.min()), int(hi.max()) + 1),
         group_lo=pairs[:, 0],
         group_hi=pairs[:, 1],
