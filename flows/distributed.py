@@ -27,6 +27,7 @@ can flip a pixel, hence its RLE and id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -404,8 +405,9 @@ def embed_shard(job: EmbeddingJob, shard: Shard) -> ShardResult:
     cache = EmbeddingCache(loaded.version, max_items=1, store=store)
     predictor = SamPredictor(loaded.model)
     for image_id in shard.items:
-        # np.array: a writable copy (torch warns on the store's read-only arrays).
-        cache.get_or_compute(image_id, lambda i=image_id: np.array(store.load_image(i)), predictor)
+        # A writable copy, read only on a cache miss (torch warns on read-only arrays).
+        pixels = functools.partial(_writable_image, store, image_id)
+        cache.get_or_compute(image_id, pixels, predictor)
     result = ShardResult(
         shard=shard.key,
         images=len(shard.items),
@@ -417,6 +419,10 @@ def embed_shard(job: EmbeddingJob, shard: Shard) -> ShardResult:
     )
     _mark_finished(store, marker, result)
     return result
+
+
+def _writable_image(store: Any, image_id: str) -> np.ndarray:
+    return np.array(store.load_image(image_id))
 
 
 def precompute_embeddings(

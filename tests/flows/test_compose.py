@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import click
 import jsonschema
 import pytest
 import typer
@@ -190,7 +189,7 @@ def test_docker_compose_refuses_to_start_with_empty_secrets(docker_compose: list
 # --- commands ------------------------------------------------------------------------------------
 
 
-def _click_command(group: click.Command, words: list[str]) -> tuple[click.Command, list[str]]:
+def _click_command(group: Any, words: list[str]) -> tuple[Any, list[str]]:
     """Walk `words` down nested groups; return the leaf command and the words after it."""
     command, rest = group, list(words)
     # Duck-typed: typer may bring its own copy of click, whose Group is not click.Group.
@@ -204,16 +203,16 @@ def _click_command(group: click.Command, words: list[str]) -> tuple[click.Comman
     return command, rest
 
 
-def _options(command: click.Command) -> set[str]:
+def _options(command: Any) -> set[str]:
     return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
 
 
-def _unknown_options(command: click.Command, args: list[str]) -> list[str]:
+def _unknown_options(command: Any, args: list[str]) -> list[str]:
     known = _options(command)
     return [a.split("=", 1)[0] for a in args if a.startswith("--") and a.split("=")[0] not in known]
 
 
-def _dask_cli(subcommand: str) -> click.Command:
+def _dask_cli(subcommand: str) -> Any:
     """The click command behind `dask <subcommand>` (distributed registers them as entry points)."""
     from importlib.metadata import entry_points
 

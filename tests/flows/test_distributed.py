@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ SHARD_SIZE = 2
 SIZE = (96, 96)
 # A random tiny model gives heavily overlapping masks: with no gates and no NMS it still gives
 # dozens of distinct ones per image.
-GENERATOR = {
+GENERATOR: dict[str, Any] = {
     "points_per_side": 4,
     "points_per_batch": 16,
     "pred_iou_thresh": 0.0,
