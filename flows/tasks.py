@@ -42,7 +42,28 @@ __all__ = [
 ]
 
 _CACHED = INPUTS + TASK_SOURCE
-_IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+
+
+def _retry_io_errors(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry storage and network trouble; bad input fails at once (a retry cannot fix it)."""
+    from storage.errors import AnnotationError, InvalidInputError, StorageError
+
+    try:
+        state.result()
+    except InvalidInputError:
+        return False
+    except (StorageError, AnnotationError, OSError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+_IO_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": _retry_io_errors,
+}
 
 
 @lru_cache(maxsize=8)
@@ -67,7 +88,9 @@ def registry_for(config: EngineConfig) -> ModelRegistry:
 # --- set-up ------------------------------------------------------------------------------------
 
 
-@task(name="check-label-studio", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+# No retries: the client already retries each request; an unreachable server should stop the
+# run at once, before any image is registered.
+@task(name="check-label-studio", cache_policy=NO_CACHE)
 def check_label_studio(config: EngineConfig) -> str:
     """Fail fast, naming the URL, when the configured Label Studio does not answer."""
     from flows.annotators.factory import label_studio_annotator
