@@ -145,30 +145,41 @@ def _masks(root: str) -> dict[str, tuple]:
 
 
 def _assert_same_masks(actual: dict[str, tuple], reference: dict[str, tuple]) -> None:
-    """Same masks: same ids (so the same image and RLE) with the same scores.
+    """Same masks: the same ids (so the same image and RLE) with the same scores.
 
-    One allowance, for floating point: once in several runs on this machine a process has given
-    a couple of masks one pixel apart (a logit within rounding of 0), hence other ids. Such a
-    mask must pair with a reference mask of its image at mask IoU >= 0.99 with scores within
-    1e-4, and they must stay under 2% of the masks; anything else fails with the details.
+    One allowance, for floating point. In about one full run in three on this busy machine, a
+    process gave a couple of masks one pixel apart (a logit within rounding of 0, so another
+    RLE and id) or a score a few ulps apart; every process runs torch on one thread, so the
+    source is below torch (CPU kernel paths). Such a mask must pair with a reference mask of its
+    image at mask IoU >= 0.99 with scores within 1e-4, and these must stay under 2% of the masks;
+    a missing, extra, duplicated or otherwise different mask fails with the details.
     """
     assert len(actual) == len(reference), f"{len(actual)} masks, reference {len(reference)}"
     common = set(actual) & set(reference)
-    assert all(actual[m] == reference[m] for m in common), "a mask's scores differ"
+    differ = [
+        (m, actual[m][2:], reference[m][2:])
+        for m in sorted(common)
+        if actual[m][:2] != reference[m][:2] or not _close(actual[m][2:], reference[m][2:])
+    ]
+    assert not differ, f"{len(differ)} masks' scores differ (id, actual, reference): {differ[:3]}"
     extra = sorted(set(actual) - common)
     missing = sorted(set(reference) - common)
     assert len(extra) <= 0.02 * len(reference), f"{len(extra)} masks differ: {extra[:5]}"
     for mask_id in extra:
-        image_id, counts, iou, stability = actual[mask_id]
+        image_id, counts, *scores = actual[mask_id]
         best = max(
             missing,
             key=lambda m: _rle_iou(counts, reference[m][1], reference[m][0] == image_id),
         )
-        ref_image, ref_counts, ref_iou, ref_stability = reference[best]
+        ref_image, ref_counts, *ref_scores = reference[best]
         overlap = _rle_iou(counts, ref_counts, ref_image == image_id)
         assert overlap >= 0.99, f"mask {mask_id} has no reference twin (best IoU {overlap:.4f})"
-        assert abs(iou - ref_iou) <= 1e-4 and abs(stability - ref_stability) <= 1e-4
+        assert _close(tuple(scores), tuple(ref_scores)), f"mask {mask_id}: {scores} vs {ref_scores}"
         missing.remove(best)
+
+
+def _close(a: tuple, b: tuple) -> bool:
+    return all(abs(x - y) <= 1e-4 for x, y in zip(a, b, strict=True))
 
 
 def _rle_iou(a: str, b: str, same_image: bool) -> float:
