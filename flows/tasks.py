@@ -13,6 +13,7 @@ cheap and every task reads what it needs from the store.
 
 from __future__ import annotations
 
+from contextlib import closing
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +96,8 @@ def check_label_studio(config: EngineConfig) -> str:
     """Fail fast, naming the URL, when the configured Label Studio does not answer."""
     from flows.annotators.factory import label_studio_annotator
 
-    user = label_studio_annotator(config, store_for(config)).check_reachable()
+    with closing(label_studio_annotator(config, store_for(config))) as annotator:
+        user = annotator.check_reachable()
     get_run_logger().info("Label Studio at %s answers (user %s)", config.label_studio.url, user)
     return user
 
@@ -317,15 +319,16 @@ def annotate_round(
     for record in predictions or []:
         by_image.setdefault(record.image_id, []).append(record)
     images = [store.get_image(i) for i in image_ids]
-    records = make_annotator(config, store).annotate(
-        images,
-        registry_for(config).load(version),
-        stage=stage,
-        round=round,
-        run_id=config.run_name,
-        model_version=version,
-        predictions=by_image if predictions is not None else None,
-    )
+    with closing(make_annotator(config, store)) as annotator:
+        records = annotator.annotate(
+            images,
+            registry_for(config).load(version),
+            stage=stage,
+            round=round,
+            run_id=config.run_name,
+            model_version=version,
+            predictions=by_image if predictions is not None else None,
+        )
     get_run_logger().info(
         "stage %d round %d: %d masks annotated on %d images",
         stage,

@@ -52,3 +52,6 @@ class Annotator(abc.ABC):
         Returns:
             The round's masks, every one with ``stage``, ``round`` and ``run_id`` as given.
         """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most annotators hold nothing
+        """Release what the annotator holds open (connections); it is not used afterwards."""

@@ -95,6 +95,10 @@ class LabelStudioAnnotator(Annotator):
         self._clock = clock
         self._sleep = sleep
 
+    def close(self) -> None:
+        """Close the client's connections."""
+        self.client.close()
+
     def check_reachable(self) -> str:
         """Ask Label Studio who the token belongs to; :class:`AnnotationError` naming the URL."""
         try:
