@@ -108,7 +108,7 @@ def generate_scene(
         if scene is None:  # every object got occluded or was too small: draw again
             continue
         canvas, masks, shapes = scene
-        canvas += rng.normal(0.0, noise_std, size=canvas.shape).astype(np.float32)
+        canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(noise_std)
         image = np.clip(canvas, 0, 255).astype(np.uint8)
         return Scene(image=image, masks=masks, shapes=shapes)
 
@@ -194,18 +194,19 @@ def _draw_scene(
         mask = _shape_mask(rng, shape, h, w)
         if not mask.any():
             continue
-        ys, xs = np.nonzero(mask)
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         if rng.random() < similar_colour_prob:
             # Camouflage: the background's own colour under the object, a little shifted, so
             # only the texture (a different one from the background's) gives the boundary away.
-            under = background[int(ys.mean()), int(xs.mean())]
+            under = background[(y0 + y1) // 2, (x0 + x1) // 2]
             colour = np.clip(under + rng.normal(0, 12, 3), 0, 255).astype(np.float32)
             texture = str(rng.choice([t for t in TEXTURES if t not in ("flat", bg_texture)]))
         else:
             colour = _random_colour(rng)
             texture = str(rng.choice(TEXTURES))
         second = _second_colour(rng, colour)
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
         patch = _texture(rng, texture, int(y1 - y0), int(x1 - x0), colour, second)
         region = canvas[y0:y1, x0:x1]
         sub = mask[y0:y1, x0:x1]
@@ -250,9 +251,7 @@ def _texture(
 ) -> np.ndarray:
     """An ``(h, w, 3)`` float32 patch mixing colours ``c1`` and ``c2`` in pattern ``kind``."""
     t = _TEXTURE_WEIGHTS[kind](rng, h, w)
-    return (c1[None, None, :] * (1.0 - t[..., None]) + c2[None, None, :] * t[..., None]).astype(
-        np.float32
-    )
+    return c1.astype(np.float32) + t[..., None] * (c2 - c1).astype(np.float32)
 
 
 def _flat(rng: np.random.Generator, h: int, w: int) -> np.ndarray:

@@ -134,23 +134,28 @@ class SyntheticTrainingData:
     """Fresh synthetic scenes (:func:`engine.synthetic.generate_scene`) at the input size.
 
     Every sample is a new scene drawn from the ``rng`` passed to :meth:`sample`, so the stream
-    never repeats; keep holdout scenes on a different seed.
+    never repeats; keep holdout scenes on a different seed. ``scene_size`` ``(height, width)``
+    is the size scenes are drawn at (default: the input square); they are then resized to the
+    input like any image.
     """
 
     img_size: int
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(scale_range=(1.0, 1.0)))
     scene_kwargs: dict[str, Any] = field(default_factory=dict)
+    scene_size: tuple[int, int] | None = None
 
     def sample(self, rng: np.random.Generator) -> TrainSample:
+        size = self.scene_size or (self.img_size, self.img_size)
         for _ in range(_MAX_DRAWS):
-            scene = generate_scene(rng, (self.img_size, self.img_size), **self.scene_kwargs)
+            scene = generate_scene(rng, size, **self.scene_kwargs)
             sample = augment(scene.image, scene.masks, rng, self.img_size, self.augment)
             if sample is not None:
                 return sample
         raise TrainingError(f"no synthetic scene with a usable mask in {_MAX_DRAWS} draws")
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "synthetic", "img_size": self.img_size, **self.scene_kwargs}
+        size = list(self.scene_size or (self.img_size, self.img_size))
+        return {"source": "synthetic", "scene_size": size, **self.scene_kwargs}
 
 
 class StoreTrainingData:

@@ -47,6 +47,8 @@ class TrainConfig:
             schedule then follows the elapsed fraction of the budget.
         images_per_step: images encoded per step.
         masks_per_image: masks drawn at random from each image per step (all if fewer).
+        repeat_masks: fill ``masks_per_image`` by prompting masks again (fresh prompts) when an
+            image has fewer: the decoder sees more prompts per encoder pass, which is cheap.
         num_rounds: interactive rounds per mask (SAM: 11).
         no_point_rounds: rounds that add no new point (SAM: 2).
         lr: peak learning rate.
@@ -66,6 +68,7 @@ class TrainConfig:
     minutes: float | None = None
     images_per_step: int = 2
     masks_per_image: int = 8
+    repeat_masks: bool = False
     num_rounds: int = 11
     no_point_rounds: int = 2
     lr: float = 8e-4
@@ -203,7 +206,9 @@ def train(
             rng = np.random.default_rng([config.seed, step])
             generator = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
             samples = [data.sample(rng) for _ in range(config.images_per_step)]
-            images, gt, image_index = collate(samples, model, config.masks_per_image, rng)
+            images, gt, image_index = collate(
+                samples, model, config.masks_per_image, rng, repeat=config.repeat_masks
+            )
 
             sim = simulate_interactive(
                 model,
@@ -300,18 +305,24 @@ def collate(
     model: Sam,
     masks_per_image: int,
     rng: np.random.Generator,
+    *,
+    repeat: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack samples into a step's batch on the model's device.
 
     Returns preprocessed images ``(B, 3, S, S)``, masks ``(M, S, S)`` bool (up to
-    ``masks_per_image`` per image, drawn without replacement) and ``(M,)`` image indexes.
+    ``masks_per_image`` per image, drawn without replacement; with ``repeat``, an image with
+    fewer masks has them drawn again until there are ``masks_per_image``) and ``(M,)`` image
+    indexes.
     """
     device = next(model.parameters()).device
     images = torch.stack([model.preprocess(s.image.to(device)) for s in samples])
     masks, index = [], []
     for i, sample in enumerate(samples):
         n = sample.masks.shape[0]
-        pick = rng.permutation(n)[:masks_per_image] if n > masks_per_image else np.arange(n)
+        pick = rng.permutation(n)[:masks_per_image]
+        if repeat and n < masks_per_image:
+            pick = np.concatenate([pick, rng.integers(0, n, size=masks_per_image - n)])
         masks.append(sample.masks[torch.from_numpy(pick)])
         index.extend([i] * len(pick))
     return (
