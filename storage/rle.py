@@ -114,7 +114,7 @@ def area(rles: Sequence[Rle]) -> np.ndarray:
     """Foreground pixel count of each RLE, ``int64`` of shape ``(N,)``."""
     if len(rles) == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.asarray(_coco_mask.area(_to_coco(rles, "rles", same_size=False)), dtype=np.int64)
+    return _coco_area(_to_coco(rles, "rles", same_size=False))
 
 
 def to_bbox(rles: Sequence[Rle]) -> np.ndarray:
@@ -369,9 +369,22 @@ def _area_and_bbox_of_valid(rles: Sequence[Rle]) -> tuple[np.ndarray, np.ndarray
     if len(rles) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.float32)
     coco = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
-    areas = np.asarray(_coco_mask.area(coco), dtype=np.int64)
+    areas = _coco_area(coco)
     boxes = np.asarray(_coco_mask.toBbox(coco), dtype=np.float32).reshape(-1, 4)
     return areas, boxes
+
+
+# pycocotools' area() counts its input in a uint8 (2.0.11: OverflowError above 255 RLEs).
+_COCO_AREA_CHUNK = 255
+
+
+def _coco_area(coco: list[dict[str, Any]]) -> np.ndarray:
+    """pycocotools' area for any number of RLEs, in chunks it can count; ``int64`` ``(N,)``."""
+    parts = [
+        np.asarray(_coco_mask.area(coco[i : i + _COCO_AREA_CHUNK]), dtype=np.int64).reshape(-1)
+        for i in range(0, len(coco), _COCO_AREA_CHUNK)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _swap_last_axes(arrays: np.ndarray) -> np.ndarray:

@@ -271,3 +271,15 @@ def test_encoded_rles_are_revalidated_once_modified() -> None:
     encoded["counts"] = "0`"
     with pytest.raises(RleError, match="middle of a run"):
         rle.decode([encoded])
+
+
+def test_area_and_bbox_of_more_than_255_masks() -> None:
+    # pycocotools 2.0.11 counts area()'s input in a uint8; a stage-3 batch has hundreds of masks.
+    masks = np.zeros((300, 8, 9), dtype=bool)
+    masks[:, 2:5, 2:6] = True
+    masks[299, 0, 0] = True
+    rles = rle.encode(masks)
+    areas = rle.area(rles)
+    assert areas.shape == (300,)
+    assert areas[0] == 12 and areas[299] == 13
+    assert rle.to_bbox(rles)[299].tolist() == [0.0, 0.0, 6.0, 5.0]
