@@ -8,7 +8,9 @@ gives the low-res logits. The generator drops most masks on predicted IoU alone,
 with a mask that passed, and only over the embedding rows and columns that map into the image
 (a 3:2 photo leaves a third of the square input as padding). The transposed convolutions have
 kernel 2 and stride 2 and the norm acts per pixel, so a cropped embedding gives exactly the
-logits of the uncropped one over the same region.
+logits of the uncropped one over the same region. It follows the decoder's fast paths: the
+image goes in once for the whole batch (no mask prompt), and the upscaling runs as
+``MaskDecoder.upscale_cells`` (cell order) with the pixel shuffle done on the masks.
 
 Uses the decoder's own modules (``iou_token``, ``mask_tokens``, ``transformer``,
 ``output_upscaling``, ``output_hypernetworks_mlps``, ``iou_prediction_head``), so it computes
@@ -36,7 +38,7 @@ class DecodedPrompts:
     Attributes:
         iou_predictions: ``(B, 3)`` predicted IoU of each multimask output.
         mask_tokens: ``(B, 4, C)`` transformed mask tokens (token 0 is the single-mask one).
-        image_tokens: ``(B, C, h, w)`` transformed image embedding of each prompt.
+        image_tokens: ``(B, h, w, C)`` transformed image embedding of each prompt (channels-last).
     """
 
     iou_predictions: torch.Tensor
@@ -78,13 +80,14 @@ class PointDecoder:
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         tokens = self._output_tokens.unsqueeze(0).expand(batch, -1, -1)
         tokens = torch.cat([tokens, sparse.to(tokens.dtype)], dim=1)
-        src = self._embedding.expand(batch, -1, -1, -1) + dense
-        pos = self._image_pe.expand(batch, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src_out = decoder.transformer(src, pos, tokens)
+        # No mask prompt: every prompt sees the same image, so it goes in once (batch 1) and
+        # the transformer shares its first layer's image-side work across the batch.
+        src = self._embedding + dense[:1]
+        _, c, h, w = src.shape
+        hs, keys = decoder.transformer(src, self._image_pe[:1], tokens)
         iou = decoder.iou_prediction_head(hs[:, 0, :])
         mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-        image_tokens = src_out.transpose(1, 2).reshape(b, c, h, w)
+        image_tokens = keys.reshape(batch, h, w, c)  # channels-last
         return DecodedPrompts(iou[:, 1:], mask_tokens, image_tokens)
 
     @torch.inference_mode()
@@ -109,12 +112,21 @@ class PointDecoder:
 
     def _multimask_logits(self, decoded: DecodedPrompts, prompts: torch.Tensor) -> torch.Tensor:
         decoder = self.model.mask_decoder
-        src = decoded.image_tokens[prompts, :, : self._rows, : self._cols]
-        upscaled = decoder.output_upscaling(src)  # (P, C / 8, rows, cols)
-        p, c8, rows, cols = upscaled.shape
+        src = decoded.image_tokens[prompts, : self._rows, : self._cols, :]
+        # The decoder's upscaling leaves output pixels in cell order; the (3x smaller) masks
+        # are put back in image order below.
+        cells = decoder.upscale_cells(src)  # (P, 16 rows cols, C / 8)
         tokens = decoded.mask_tokens[prompts]
         # Token 1 + m is multimask output m (token 0 is the single-mask output).
         hyper = torch.stack(
             [decoder.output_hypernetworks_mlps[t](tokens[:, t, :]) for t in range(1, 4)], dim=1
         )  # (P, 3, C / 8)
-        return (hyper @ upscaled.reshape(p, c8, rows * cols)).reshape(p, 3, rows, cols)
+        return _cells_to_image(hyper @ cells.transpose(1, 2), self._rows, self._cols)
+
+
+def _cells_to_image(values: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``(P, M, 16 rows cols)`` in ``MaskDecoder.upscale_cells``' order -- (i, j, di, dj, di',
+    dj') for pixel ``(4i + 2di + di', 4j + 2dj + dj')`` -- to ``(P, M, 4 rows, 4 cols)``."""
+    p, m = values.shape[:2]
+    grid = values.reshape(p, m, rows, cols, 2, 2, 2, 2)
+    return grid.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(p, m, 4 * rows, 4 * cols)
