@@ -72,20 +72,24 @@ class SourceConfig(_Section):
 
     images: str = "synthetic"
     holdout: str | None = Field(
-        None, description="folder or s3:// prefix of holdout images (real sources only)"
+        default=None, description="folder or s3:// prefix of holdout images (real sources only)"
     )
     holdout_coco: str | None = Field(
-        None, description="COCO instances JSON with the holdout's ground truth (real sources)"
+        default=None,
+        description="COCO instances JSON with the holdout's ground truth (real sources)",
     )
     pool_coco: str | None = Field(
-        None, description="COCO ground truth of the pool, needed only by the simulated annotator"
+        default=None,
+        description="COCO ground truth of the pool, needed only by the simulated annotator",
     )
     pool_images: int | None = Field(
-        None, ge=1, description="synthetic: pool size; default: what the stages consume"
+        default=None, ge=1, description="synthetic: pool size; default: what the stages consume"
     )
-    holdout_images: int = Field(8, ge=1, description="synthetic: holdout images")
-    image_size: int = Field(256, ge=32, le=2048, description="synthetic: image side, pixels")
-    seed: int = Field(0, description="synthetic: dataset seed (pool, holdout, pretraining)")
+    holdout_images: int = Field(default=8, ge=1, description="synthetic: holdout images")
+    image_size: int = Field(
+        default=256, ge=32, le=2048, description="synthetic: image side, pixels"
+    )
+    seed: int = Field(default=0, description="synthetic: dataset seed (pool, holdout, pretraining)")
 
     @property
     def synthetic(self) -> bool:
@@ -97,16 +101,23 @@ class LabelStudioConfig(_Section):
     """How to reach Label Studio (only used when ``annotator.kind = "label_studio"``)."""
 
     url: str = "http://localhost:8080"
-    token: SecretStr | None = Field(None, description="API token; prefer LABEL_STUDIO_API_KEY")
-    poll_interval_s: float = Field(10.0, gt=0, description="seconds between progress checks")
+    token: SecretStr | None = Field(
+        default=None, description="API token; prefer LABEL_STUDIO_API_KEY"
+    )
+    poll_interval_s: float = Field(
+        default=10.0, gt=0, description="seconds between progress checks"
+    )
     timeout_s: float = Field(
-        7 * 24 * 3600.0, gt=0, description="seconds to wait for a round's tasks before failing"
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="seconds to wait for a round's tasks before failing",
     )
-    ml_backend_url: str | None = Field(None, description="ML backend to attach to projects")
+    ml_backend_url: str | None = Field(default=None, description="ML backend to attach to projects")
     document_root: str | None = Field(
-        None, description="Label Studio's LOCAL_FILES_DOCUMENT_ROOT (local images must be under it)"
+        default=None,
+        description="Label Studio's LOCAL_FILES_DOCUMENT_ROOT (local images must be under it)",
     )
-    dataset: str = Field("engine", description="dataset name in project titles")
+    dataset: str = Field(default="engine", description="dataset name in project titles")
 
 
 class TrainingBudget(_Section):
@@ -116,14 +127,14 @@ class TrainingBudget(_Section):
     minutes when they are set.
     """
 
-    steps: int | None = Field(None, ge=1)
-    minutes: float | None = Field(0.5, gt=0)
-    images_per_step: int = Field(2, ge=1, description="images encoded per step")
-    masks_per_image: int = Field(8, ge=1, description="masks simulated per image per step")
-    lr: float = Field(2e-4, gt=0, description="peak learning rate")
-    warmup_steps: int = Field(5, ge=0)
-    num_rounds: int = Field(11, ge=1, description="interactive rounds per mask (SAM: 11)")
-    no_point_rounds: int = Field(2, ge=0)
+    steps: int | None = Field(default=None, ge=1)
+    minutes: float | None = Field(default=0.5, gt=0)
+    images_per_step: int = Field(default=2, ge=1, description="images encoded per step")
+    masks_per_image: int = Field(default=8, ge=1, description="masks simulated per image per step")
+    lr: float = Field(default=2e-4, gt=0, description="peak learning rate")
+    warmup_steps: int = Field(default=5, ge=0)
+    num_rounds: int = Field(default=11, ge=1, description="interactive rounds per mask (SAM: 11)")
+    no_point_rounds: int = Field(default=2, ge=0)
 
     @model_validator(mode="after")
     def _some_budget(self) -> TrainingBudget:
@@ -145,7 +156,8 @@ class ModelConfig(_Section):
 
     variant: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "tiny"
     checkpoint: str | None = Field(
-        None, description="start from this checkpoint (local or s3://) instead of pretraining"
+        default=None,
+        description="start from this checkpoint (local or s3://) instead of pretraining",
     )
     pretrain: TrainingBudget = Field(default_factory=_pretrain_budget)
 
@@ -162,54 +174,58 @@ class AnnotatorConfig(_Section):
     """
 
     kind: Literal["simulated", "label_studio"] = "simulated"
-    iou_target: float = Field(0.9, gt=0, le=1)
-    click_budget: int = Field(8, ge=1, description="clicks before switching to the brush")
-    seconds_per_click: float = Field(2.5, ge=0)
-    seconds_per_object: float = Field(5.0, ge=0)
-    brush_seconds: float = Field(20.0, ge=0)
-    accept_seconds: float = Field(1.5, ge=0)
-    reject_seconds: float = Field(1.0, ge=0)
-    image_budget_s: float = Field(90.0, gt=0)
+    iou_target: float = Field(default=0.9, gt=0, le=1)
+    click_budget: int = Field(default=8, ge=1, description="clicks before switching to the brush")
+    seconds_per_click: float = Field(default=2.5, ge=0)
+    seconds_per_object: float = Field(default=5.0, ge=0)
+    brush_seconds: float = Field(default=20.0, ge=0)
+    accept_seconds: float = Field(default=1.5, ge=0)
+    reject_seconds: float = Field(default=1.0, ge=0)
+    image_budget_s: float = Field(default=90.0, gt=0)
     move_on_after_s: float = Field(
-        30.0, gt=0, description="next image after a mask that took longer (SA-1B's rule)"
+        default=30.0, gt=0, description="next image after a mask that took longer (SA-1B's rule)"
     )
-    name: str = Field("simulated", description="annotator name stored with each mask")
+    name: str = Field(default="simulated", description="annotator name stored with each mask")
 
 
 class _StageBase(_Section):
-    rounds: int = Field(2, ge=1)
-    images_per_round: int = Field(6, ge=1)
+    rounds: int = Field(default=2, ge=1)
+    images_per_round: int = Field(default=6, ge=1)
     train: TrainingBudget = Field(default_factory=TrainingBudget)
 
 
 class Stage1Config(_StageBase):
     """Assisted-manual: the annotator clicks, the model answers."""
 
-    rounds: int = Field(3, ge=1)
+    rounds: int = Field(default=3, ge=1)
 
 
 class Stage2Config(_StageBase):
     """Semi-automatic: the generator pre-labels at a high confidence gate."""
 
-    points_per_side: int = Field(12, ge=1)
-    pred_iou_thresh: float = Field(0.93, ge=0, le=1.5)
-    stability_score_thresh: float = Field(0.95, ge=0, le=1)
+    points_per_side: int = Field(default=12, ge=1)
+    pred_iou_thresh: float = Field(default=0.93, ge=0, le=1.5)
+    stability_score_thresh: float = Field(default=0.95, ge=0, le=1)
 
 
 class Stage3Config(_StageBase):
     """Fully automatic: the generator alone, with the paper's filters."""
 
-    rounds: int = Field(1, ge=1)
-    images_per_round: int = Field(16, ge=1)
-    points_per_side: int = Field(16, ge=1)
-    pred_iou_thresh: float = Field(0.88, ge=0, le=1.5)
-    stability_score_thresh: float = Field(0.95, ge=0, le=1)
-    crop_n_layers: int = Field(0, ge=0, le=3)
-    min_mask_region_area: int = Field(20, ge=0)
-    max_mask_region_fraction: float | None = Field(0.95, gt=0, le=1)
-    workers: int | None = Field(None, ge=1, description="Dask LocalCluster worker processes")
-    dask_address: str | None = Field(None, description="an existing Dask scheduler, tcp://...")
-    shard_size: int = Field(8, ge=1, description="images per shard (one commit each)")
+    rounds: int = Field(default=1, ge=1)
+    images_per_round: int = Field(default=16, ge=1)
+    points_per_side: int = Field(default=16, ge=1)
+    pred_iou_thresh: float = Field(default=0.88, ge=0, le=1.5)
+    stability_score_thresh: float = Field(default=0.95, ge=0, le=1)
+    crop_n_layers: int = Field(default=0, ge=0, le=3)
+    min_mask_region_area: int = Field(default=20, ge=0)
+    max_mask_region_fraction: float | None = Field(default=0.95, gt=0, le=1)
+    workers: int | None = Field(
+        default=None, ge=1, description="Dask LocalCluster worker processes"
+    )
+    dask_address: str | None = Field(
+        default=None, description="an existing Dask scheduler, tcp://..."
+    )
+    shard_size: int = Field(default=8, ge=1, description="images per shard (one commit each)")
 
     @model_validator(mode="after")
     def _one_cluster(self) -> Stage3Config:
@@ -226,19 +242,19 @@ class EvaluationConfig(_Section):
     mIoU@5 and box mIoU, ``noc_tolerance`` in clicks for NoC@85 and NoC@90.
     """
 
-    max_clicks: int = Field(10, ge=5, le=20)
-    max_objects_per_image: int | None = Field(None, ge=1)
-    miou_tolerance: float = Field(0.01, ge=0, le=1)
-    noc_tolerance: float = Field(0.25, ge=0)
+    max_clicks: int = Field(default=10, ge=5, le=20)
+    max_objects_per_image: int | None = Field(default=None, ge=1)
+    miou_tolerance: float = Field(default=0.01, ge=0, le=1)
+    noc_tolerance: float = Field(default=0.25, ge=0)
 
 
 class EngineConfig(_Section):
     """Everything a data-engine run needs, validated at once."""
 
     root: str = Field(..., min_length=1, description="storage root: a folder or s3://bucket/p")
-    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto)")
+    endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto)")
     run_name: str = Field(
-        "engine", min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="names commits"
+        default="engine", min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="names commits"
     )
     seed: int = 0
     source: SourceConfig = Field(default_factory=SourceConfig)
@@ -268,7 +284,11 @@ class EngineConfig(_Section):
 
     def stage(self, number: int) -> Stage1Config | Stage2Config | Stage3Config:
         """The section of stage ``number`` (1, 2 or 3)."""
-        sections = {1: self.stage1, 2: self.stage2, 3: self.stage3}
+        sections: dict[int, Stage1Config | Stage2Config | Stage3Config] = {
+            1: self.stage1,
+            2: self.stage2,
+            3: self.stage3,
+        }
         if number not in sections:
             raise ConfigError(f"stage must be 1, 2 or 3, got {number!r}")
         return sections[number]

@@ -14,7 +14,7 @@ Prefect's database or UI.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flows.config import EngineConfig
 
@@ -49,7 +49,7 @@ def build_deployments(
 
     parameters = deployment_parameters(config)
     tags = ["sam-data-engine", f"root:{config.root}"]
-    deployments = [
+    deployments: list[Any] = [
         data_engine.to_deployment(
             name=name,
             cron=cron,
@@ -60,12 +60,12 @@ def build_deployments(
     ]
     for stage_flow in (stage1_assisted_manual, stage2_semi_automatic, stage3_fully_automatic):
         deployments.append(stage_flow.to_deployment(name=name, parameters=parameters, tags=tags))
-    return deployments
+    return cast("list[RunnerDeployment]", deployments)
 
 
 def register_deployments(deployments: Sequence[RunnerDeployment]) -> list[UUID]:
     """Register (create or update) the deployments with the Prefect API; their ids."""
-    return [deployment.apply() for deployment in deployments]
+    return [cast("UUID", deployment.apply()) for deployment in deployments]
 
 
 def serve_deployments(deployments: Sequence[RunnerDeployment], *, limit: int | None = 1) -> None:

@@ -93,7 +93,7 @@ def generate_records(
                     crop_box=[float(v) for v in mask["crop_box"]],
                     model_version=model_version,
                     mask_id=make_mask_id(
-                        image_id, stage, round, run_id, source, segmentation["counts"]
+                        image_id, str(stage), str(round), run_id, source, segmentation["counts"]
                     ),
                 )
             )

@@ -80,8 +80,9 @@ class GroundTruth:
                     "split": image.split,
                 }
             )
-            areas = rle_codec.area(rles) if rles else []
-            boxes = rle_codec.to_bbox(rles) if rles else []
+            if not rles:
+                continue
+            areas, boxes = rle_codec.area(rles), rle_codec.to_bbox(rles)
             for rle, area, box in zip(rles, areas, boxes, strict=True):
                 annotations.append(
                     {

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -192,16 +193,14 @@ class SimulatedAnnotator(Annotator):
         """See :meth:`Annotator.annotate`."""
         from engine import EmbeddingCache, SamPredictor
 
-        predictor = SamPredictor(model)
+        predictor = SamPredictor(model)  # type: ignore[arg-type]  # any Sam-like module
         # Embeddings persist in the store per (image, model version): a rerun of the round
         # after a crash, or another annotator on the same images, skips the encoder.
         cache = EmbeddingCache(model_version, store=self.store if self.cache_embeddings else None)
         records: list[MaskRecord] = []
         for image in images:
             cache.get_or_compute(
-                image.image_id,
-                lambda i=image.image_id: np.array(self.store.load_image(i)),
-                predictor,
+                image.image_id, partial(_writable_image, self.store, image.image_id), predictor
             )
             context = _RoundContext(stage, round, run_id, model_version, image.image_id)
             preds = list((predictions or {}).get(image.image_id, ()))
@@ -275,7 +274,12 @@ class SimulatedAnnotator(Annotator):
             # Keyed on the object, not the pixels: a rerun of the round (another model after
             # a crash) replaces nothing and duplicates nothing.
             mask_id=make_mask_id(
-                ctx.image_id, ctx.stage, ctx.round, ctx.run_id, "manual", f"object-{gt_index}"
+                ctx.image_id,
+                str(ctx.stage),
+                str(ctx.round),
+                ctx.run_id,
+                "manual",
+                f"object-{gt_index}",
             ),
         )
 
@@ -297,13 +301,18 @@ class SimulatedAnnotator(Annotator):
             clicks=0,
             mask_id=make_mask_id(
                 ctx.image_id,
-                ctx.stage,
-                ctx.round,
+                str(ctx.stage),
+                str(ctx.round),
                 ctx.run_id,
                 "model",
                 prediction.segmentation["counts"],
             ),
         )
+
+
+def _writable_image(store: MaskStore, image_id: str) -> np.ndarray:
+    # torch warns on (and must not write into) the read-only arrays the store may return.
+    return np.array(store.load_image(image_id))
 
 
 @dataclass(frozen=True)

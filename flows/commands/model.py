@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -120,8 +121,9 @@ def train(
         seed=seed,
         freeze_image_encoder=freeze_encoder,
         checkpoint_every=200,
-        **({"lr": lr} if lr is not None else {}),
     )
+    if lr is not None:
+        config = dataclasses.replace(config, lr=lr)
     trained_on = data.describe()
     typer.echo(
         f"training {model.variant} from {parent or 'scratch'} on {trained_on['masks']} masks of "
@@ -225,7 +227,7 @@ def _parent_model(
         latest = registry.latest()
         from_ = latest.version if latest is not None else "scratch"
     if from_ == "scratch":
-        overrides = {"image_size": image_size} if image_size else {}
+        overrides: dict[str, Any] = {"image_size": image_size} if image_size else {}
         return build_sam(variant or "tiny", **overrides), None, None
     if image_size:
         raise ConfigError("--image-size applies to a model built from scratch (--from scratch)")

@@ -138,7 +138,7 @@ def _overlay_tiles(
         image_ids = sorted(set(table["image_id"].to_pylist()))[:_TILES_PER_STAGE]
         for image_id in image_ids:
             rows = table.filter(pc.equal(table["image_id"], image_id))
-            rles = [
+            rles: list[rle_codec.Rle] = [
                 {"size": [h, w], "counts": c}
                 for h, w, c in zip(
                     rows["height"].to_pylist(),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -147,8 +147,8 @@ def plot_overlay_grid(
 def _overlay(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = image.astype(np.float32).copy()
     # Largest first so small masks stay visible on top.
-    order = np.argsort(-masks.reshape(len(masks), -1).sum(axis=1)) if len(masks) else []
-    for i in order:
+    areas = masks.reshape(len(masks), -1).sum(axis=1)
+    for i in np.argsort(-areas):
         colour = rng.uniform(40, 255, size=3).astype(np.float32)
         m = masks[i]
         out[m] = 0.45 * out[m] + 0.55 * colour
@@ -159,28 +159,28 @@ def _rounds(summary: EngineSummary) -> list[RoundSummary]:
     return [r for s in summary.stages for r in s.rounds]
 
 
-def _label_rounds(ax: object, rounds: Sequence[RoundSummary]) -> None:
-    ax.set_xticks(np.arange(len(rounds)))  # type: ignore[attr-defined]
-    ax.set_xticklabels(  # type: ignore[attr-defined]
+def _label_rounds(ax: Any, rounds: Sequence[RoundSummary]) -> None:
+    ax.set_xticks(np.arange(len(rounds)))
+    ax.set_xticklabels(
         [f"S{r.stage} R{r.round}" for r in rounds], rotation=45, ha="right", fontsize=8
     )
-    ax.grid(axis="y", alpha=0.3)  # type: ignore[attr-defined]
+    ax.grid(axis="y", alpha=0.3)
 
 
-def _stage_legend(ax: object, rounds: Sequence[RoundSummary]) -> None:
+def _stage_legend(ax: Any, rounds: Sequence[RoundSummary]) -> None:
     from matplotlib.patches import Patch
 
     stages = sorted({r.stage for r in rounds})
     handles = [Patch(color=_STAGE_COLOURS.get(s, "grey"), label=f"stage {s}") for s in stages]
     if handles:
-        ax.legend(handles=handles, loc="upper left", fontsize=8)  # type: ignore[attr-defined]
+        ax.legend(handles=handles, loc="upper left", fontsize=8)
 
 
-def _figure(width: float, height: float, **subplots: object) -> tuple[Figure, object]:
+def _figure(width: float, height: float, **subplots: Any) -> tuple[Figure, Any]:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
-    axes = fig.subplots(**subplots)  # type: ignore[arg-type]
+    axes: Any = fig.subplots(**subplots)
     return fig, axes
 
 
