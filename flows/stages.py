@@ -10,8 +10,9 @@ Every stage runs rounds of the same loop (the paper's: 6 retrains in stage 1, 5 
     retrain              from the current version on every pool mask so far, scored on the holdout
     promote              if not worse than its parent; the next round uses the promoted version
 
-A stage flow run on its own (``data-engine stage N``) starts from the newest promoted version,
-or makes the base version when the registry is empty.
+A stage flow run on its own (``data-engine stage N``, no ``start_version``) registers the image
+source first and starts from the newest promoted version, or makes the base version when the
+registry is empty.
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def stage3_fully_automatic(config: EngineConfig, start_version: str | None = Non
 
 
 def _run_stage(config: EngineConfig, stage: int, start_version: str | None) -> StageReport:
-    if stage in (1, 2) and config.annotator.kind == "label_studio":
-        check_label_studio(config)
     dataset = prepare_dataset(config)
-    register_source(config, dataset)
+    if start_version is None:  # run on its own: the parent flow has not set anything up
+        if stage in (1, 2) and config.annotator.kind == "label_studio":
+            check_label_studio(config)
+        register_source(config, dataset)
     version = start_version or current_version(config) or base_model(config, dataset)
     start = version
     rounds: list[RoundReport] = []

@@ -1,9 +1,10 @@
 """The engine's Prefect tasks: each wraps one library call and takes small, hashable inputs.
 
-Retries go only on tasks doing storage or Label Studio I/O. Caching (``INPUTS + TASK_SOURCE``,
-persisted results) goes on the costly deterministic steps: preparing the source, generating a
-round's masks, annotating a round, training a version. Their inputs carry ``dataset``, the id
-minted once per storage root, so a fresh root never reuses another root's results; a run resumed
+Retries go only on tasks doing storage or Label Studio I/O, and only for storage or network
+errors. Caching (``INPUTS + TASK_SOURCE``, persisted results) goes on the costly deterministic
+steps: the base model, a round's pre-labels, generated masks and annotations, a retrain. Their
+inputs carry ``dataset``, the id minted once per storage root, so a fresh root never reuses
+another root's results; a run resumed
 after a crash gets the finished steps back from the cache, and the store's deterministic mask
 ids make every commit of an already committed round a no-op.
 
@@ -110,7 +111,7 @@ def prepare_dataset(config: EngineConfig) -> str:
     return dataset_id(store_for(config))
 
 
-@task(name="register-source", cache_policy=_CACHED, persist_result=True, **_IO_RETRIES)
+@task(name="register-source", cache_policy=NO_CACHE, **_IO_RETRIES)
 def register_source(config: EngineConfig, dataset: str) -> dict[str, Any]:
     """Register the configured images (and holdout truth) in the store; idempotent."""
     from dataclasses import asdict
@@ -301,7 +302,9 @@ def generate_auto_masks(
     }
 
 
-@task(name="annotate-round", cache_policy=_CACHED, persist_result=True, **_IO_RETRIES)
+# No task retries: Label Studio requests are retried by its client, and a round that timed out
+# waiting for people should stop (rerun to resume), not wait all over again.
+@task(name="annotate-round", cache_policy=_CACHED, persist_result=True)
 def annotate_round(
     config: EngineConfig,
     dataset: str,
