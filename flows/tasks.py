@@ -4,9 +4,8 @@ Retries go only on tasks doing storage or Label Studio I/O, and only for storage
 errors. Caching (``INPUTS + TASK_SOURCE``, persisted results) goes on the costly deterministic
 steps: the base model, a round's pre-labels, generated masks and annotations, a retrain. Their
 inputs carry ``dataset``, the id minted once per storage root, so a fresh root never reuses
-another root's results; a run resumed
-after a crash gets the finished steps back from the cache, and the store's deterministic mask
-ids make every commit of an already committed round a no-op.
+another root's results; a run resumed after a crash gets the finished steps back from the cache,
+and the store's deterministic mask ids make every commit of an already committed round a no-op.
 
 Tasks pass ids (image ids, version names) rather than images or models, so cache keys stay
 cheap and every task reads what it needs from the store.
