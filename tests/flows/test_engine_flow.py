@@ -17,7 +17,7 @@ from flows.report.summary import read_round_manifests
 from storage.mask_store import MaskStore
 from tests.flows.conftest import tiny_engine_data
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 _RUN = (
     "import json, sys\n"

@@ -19,7 +19,8 @@ from storage.mask_store import MaskStore
 from tests.fixtures.label_studio import LabelStudioServer
 from tests.flows.conftest import tiny_engine_data
 
-pytestmark = [pytest.mark.label_studio, pytest.mark.slow]
+# Label Studio takes minutes to start on a busy 2-core machine (the first test pays for it).
+pytestmark = [pytest.mark.label_studio, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 _LEAD_TIME_S = 12.0
 
