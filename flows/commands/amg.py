@@ -95,6 +95,14 @@ def amg(
     device: Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")] = (
         "cpu"
     ),
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Run on a local Dask cluster of N worker processes."),
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option("--dask-address", help="Run on an existing Dask scheduler (tcp://...)."),
+    ] = None,
     endpoint_url: Annotated[
         str | None,
         typer.Option(
@@ -127,6 +135,25 @@ def amg(
     }
     kwargs = PRESETS[preset.value]()
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if workers is not None or dask_address is not None:
+        _amg_on_dask(
+            root,
+            model,
+            images,
+            kwargs,
+            run_id,
+            round,
+            split.value,
+            batch_size,
+            max_pixels,
+            reuse_embeddings,
+            sa1b_out,
+            endpoint_url,
+            device,
+            workers,
+            dask_address,
+        )
+        return
     store = MaskStore(root, endpoint_url=endpoint_url)
     sam, model_version = _load_model(model, store, device, endpoint_url)
     generator = AutomaticMaskGenerator(sam, **kwargs)
@@ -155,6 +182,53 @@ def amg(
     typer.echo(f"amg: {summary.describe()}")
     for skipped in summary.skipped:
         typer.echo(f"skipped {skipped.uri}: {skipped.message}")
+
+
+def _amg_on_dask(
+    root: str,
+    model: str,
+    images: str,
+    kwargs: dict[str, Any],
+    run_id: str | None,
+    round: int,
+    split: str,
+    batch_size: int,
+    max_pixels: int,
+    reuse_embeddings: bool,
+    sa1b_out: str | None,
+    endpoint_url: str | None,
+    device: str,
+    workers: int | None,
+    dask_address: str | None,
+) -> None:
+    """The same run fanned out in shards of ``batch_size`` images over Dask workers."""
+    from flows.distributed import ClusterSpec, Stage3Job, resolve_model, run_stage3
+    from storage.images import list_images
+
+    ref = resolve_model(model, root=root, endpoint_url=endpoint_url, device=device)
+    if run_id is None:
+        # The in-process path's id when the version is known: either path resumes the other.
+        run_id = _default_run_id(ref.version or model, kwargs)
+    job = Stage3Job(
+        root=root,
+        model=ref,
+        run_id=run_id,
+        round=round,
+        generator_kwargs=kwargs,
+        split=split,
+        max_pixels=max_pixels,
+        reuse_embeddings=reuse_embeddings,
+        sa1b_out=sa1b_out,
+        endpoint_url=endpoint_url,
+    )
+    uris = list_images(images, endpoint_url=endpoint_url)
+    cluster = ClusterSpec(workers=workers, address=dask_address)
+    typer.echo(f"amg: {len(uris)} images on Dask ({workers or dask_address}), run {run_id}")
+    summary = run_stage3(job, uris, cluster=cluster, shard_size=batch_size)
+    typer.echo(
+        f"amg: {summary.images} images, {summary.masks_written} masks written in "
+        f"{summary.wall_s:.1f} s ({summary.images_per_s:.3f} images/s)"
+    )
 
 
 def _load_model(model: str, store: Any, device: str, endpoint_url: str | None) -> tuple[Any, str]:
