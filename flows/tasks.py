@@ -345,12 +345,30 @@ def annotate_round(
 def commit_masks(
     config: EngineConfig, records: list[MaskRecord], stage: int, round: int
 ) -> dict[str, Any]:
-    """Write the round's masks in one atomic commit (a retried or repeated one adds nothing)."""
-    info = store_for(config).write_masks(records, stage=stage, round=round, run_id=config.run_name)
-    get_run_logger().info(
-        "stage %d round %d: commit %d, %s", stage, round, info.sequence, info.counts
-    )
-    return {"sequence": info.sequence, "masks": len(records), "masks_new": info.counts["masks"]}
+    """Write the round's masks atomically, one commit per run id they carry (the engine's own,
+    or a Label Studio project's, whose reconcile committed them already); a retried or
+    repeated commit adds nothing."""
+    store = store_for(config)
+    by_run: dict[str, list[MaskRecord]] = {config.run_name: []}
+    for record in records:
+        by_run.setdefault(record.run_id, []).append(record)
+    new = 0
+    sequence = 0
+    for run_id, batch in by_run.items():
+        if not batch and run_id != config.run_name:
+            continue
+        info = store.write_masks(batch, stage=stage, round=round, run_id=run_id)
+        new += info.counts["masks"]
+        sequence = max(sequence, info.sequence)
+        get_run_logger().info(
+            "stage %d round %d, run %s: commit %d, %s",
+            stage,
+            round,
+            run_id,
+            info.sequence,
+            info.counts,
+        )
+    return {"sequence": sequence, "masks": len(records), "masks_new": new}
 
 
 @task(name="record-round", cache_policy=NO_CACHE, **_IO_RETRIES)
