@@ -145,13 +145,19 @@ def plot_overlay_grid(
 
 
 def _overlay(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    out = image.astype(np.float32).copy()
-    # Largest first so small masks stay visible on top.
+    """The image dimmed, each mask filled in its own colour with a solid outline."""
+    import cv2
+
+    out = image.astype(np.float32) * 0.6
     areas = masks.reshape(len(masks), -1).sum(axis=1)
+    # Largest first so small masks stay visible on top.
     for i in np.argsort(-areas):
-        colour = rng.uniform(40, 255, size=3).astype(np.float32)
-        m = masks[i]
-        out[m] = 0.45 * out[m] + 0.55 * colour
+        colour = rng.uniform(60, 255, size=3).astype(np.float32)
+        mask = masks[i].astype(np.uint8)
+        fill = mask.astype(bool)
+        out[fill] = 0.4 * out[fill] + 0.6 * colour
+        outline = fill & ~cv2.erode(mask, np.ones((3, 3), np.uint8)).astype(bool)
+        out[outline] = colour
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
