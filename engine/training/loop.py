@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from engine.training.data import TrainingData, TrainSample
+from engine.training.losses import FOCAL_WEIGHT
 from engine.training.simulation import simulate_interactive
 from storage.errors import ConfigError, TrainingError
 
@@ -60,6 +61,10 @@ class TrainConfig:
         grad_clip: max global gradient norm (0: no clipping).
         freeze_image_encoder: train only the prompt encoder and mask decoder.
         focal_alpha: foreground weight of the focal loss (RetinaNet's 0.25; negative: none).
+        focal_warmup_steps: ramp the focal weight linearly from 0 to SAM's 20 over these steps
+            (0: none). From random weights, the focal term alone drives every logit negative
+            (small objects are a tiny share of the pixels) before the decoder has learnt where
+            a prompt points; dice first keeps the masks alive through that phase.
         seed: seeds data, prompts and nothing else (the model is built by the caller).
         checkpoint_every: steps between checkpoints to ``checkpoint_uri`` (0: only at the end).
     """
@@ -80,6 +85,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     freeze_image_encoder: bool = False
     focal_alpha: float = 0.25
+    focal_warmup_steps: int = 0
     seed: int = 0
     checkpoint_every: int = 0
 
@@ -220,6 +226,7 @@ def train(
                 generator=generator,
                 freeze_image_encoder=config.freeze_image_encoder,
                 focal_alpha=config.focal_alpha,
+                focal_weight=focal_weight_at(step, config),
             )
             if not torch.isfinite(sim.loss):
                 _stop_on_nan("loss", sim.loss, step, checkpoint_uri, saved_step)
@@ -280,6 +287,13 @@ def lr_at(step: int, fraction: float, config: TrainConfig) -> float:
     warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
     decays = sum(1 for at in config.decay_at if fraction >= at)
     return config.lr * warm * config.decay_factor**decays
+
+
+def focal_weight_at(step: int, config: TrainConfig) -> float:
+    """Weight of the focal term at ``step``: SAM's 20, ramped up over ``focal_warmup_steps``."""
+    if config.focal_warmup_steps <= 0:
+        return FOCAL_WEIGHT
+    return FOCAL_WEIGHT * min(1.0, step / config.focal_warmup_steps)
 
 
 def param_groups(model: Sam, weight_decay: float) -> list[dict[str, Any]]:

@@ -45,11 +45,15 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, *, smooth: float = 1.
 
 
 def mask_loss(
-    logits: torch.Tensor, targets: torch.Tensor, *, focal_alpha: float = 0.25
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    focal_alpha: float = 0.25,
+    focal_weight: float = FOCAL_WEIGHT,
 ) -> torch.Tensor:
     """SAM's mask loss, ``20 * focal + dice``: ``(B, M)`` (``focal_alpha < 0``: no weighting)."""
     focal = focal_loss(logits, targets, alpha=focal_alpha)
-    return FOCAL_WEIGHT * focal + DICE_WEIGHT * dice_loss(logits, targets)
+    return focal_weight * focal + DICE_WEIGHT * dice_loss(logits, targets)
 
 
 @torch.no_grad()

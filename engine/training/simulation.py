@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn import functional as F
 
-from engine.training.losses import mask_iou, mask_loss
+from engine.training.losses import FOCAL_WEIGHT, mask_iou, mask_loss
 from engine.training.prompts import (
     PAD_LABEL,
     noisy_boxes,
@@ -98,6 +98,7 @@ def simulate_interactive(
     generator: torch.Generator,
     freeze_image_encoder: bool = False,
     focal_alpha: float = 0.25,
+    focal_weight: float = FOCAL_WEIGHT,
 ) -> SimulationResult:
     """Run the simulation for a batch of masks and return the loss.
 
@@ -111,6 +112,7 @@ def simulate_interactive(
         generator: the random source for prompts (on the masks' device).
         freeze_image_encoder: run the encoder without gradients.
         focal_alpha: the focal loss's foreground weight (negative: none).
+        focal_weight: weight of the focal term against dice (SAM: 20).
     """
     no_point = no_point_round_indexes(num_rounds, no_point_rounds, generator)
     if freeze_image_encoder:
@@ -149,7 +151,7 @@ def simulate_interactive(
         else:
             valid = torch.stack([~multimask, multimask, multimask, multimask], dim=1)
         logits = F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)
-        per_output = mask_loss(logits, gt, focal_alpha=focal_alpha)
+        per_output = mask_loss(logits, gt, focal_alpha=focal_alpha, focal_weight=focal_weight)
         true_iou = mask_iou(logits, gt)
         inf = torch.full_like(per_output, float("inf"))
         best_loss = torch.where(valid, per_output, inf).min(dim=1).values
