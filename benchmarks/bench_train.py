@@ -26,6 +26,7 @@ from typing import Any
 #: Seed of the holdout scenes (training scenes come from TrainConfig.seed streams).
 HOLDOUT_SEED = 1_000_003
 TARGETS = {"miou_1click": 0.75, "noc90": 5.0}
+_SCENE_SIZE = (256, 256)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=None, help="training budget (10)")
     parser.add_argument("--eval-every", type=float, default=1.0, help="minutes between evals")
     parser.add_argument("--holdout", type=int, default=None, help="holdout images (40)")
+    parser.add_argument(
+        "--probe", type=int, default=None, help="holdout images of the per-minute evals (12)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="model input side, px (tiny: 256)"
+    )
     parser.add_argument("--images-per-step", type=int, default=2)
     parser.add_argument("--masks-per-image", type=int, default=8)
     parser.add_argument("--num-rounds", type=int, default=3)
@@ -54,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 10.0)
     n_holdout = args.holdout if args.holdout is not None else (10 if args.quick else 40)
+    n_probe = min(n_holdout, args.probe if args.probe is not None else 12)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
-    model = build_sam("tiny", device=device)
-    holdout = list(synthetic_holdout(n_holdout, seed=HOLDOUT_SEED, size=(256, 256)))
+    overrides = {"image_size": args.image_size} if args.image_size else {}
+    model = build_sam("tiny", device=device, **overrides)
+    holdout = list(synthetic_holdout(n_holdout, seed=HOLDOUT_SEED, size=_SCENE_SIZE))
     config = TrainConfig(
         steps=None,
         minutes=minutes,
@@ -72,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     state = {"next_eval_s": args.eval_every * 60, "last_step": 0, "last_s": 0.0, "samples": 0}
 
-    def evaluate(log: StepLog | None) -> None:
+    def evaluate(log: StepLog | None, *, final: bool = False) -> None:
         t0 = time.perf_counter()
-        metrics = evaluate_interactive(model, holdout)
+        # The per-minute rows use the first n_probe holdout images; the final row all of them.
+        metrics = evaluate_interactive(model, holdout if final else holdout[:n_probe])
         model.train()
         steps = log.step if log else 0
         train_s = log.train_s if log else 0.0
@@ -87,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 "samples_per_s": state["samples"] / window_s,
                 "loss": log.loss if log else float("nan"),
                 "eval_s": time.perf_counter() - t0,
+                "final": final,
                 **metrics.to_dict(),
             }
         )
@@ -101,15 +112,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"bench_train: tiny from scratch, {minutes:g} min on {device} "
-        f"({torch.get_num_threads()} threads), holdout {n_holdout} scenes; {config}",
+        f"({torch.get_num_threads()} threads), holdout {n_holdout} scenes "
+        f"(per-minute rows: first {n_probe}); {config}",
         flush=True,
     )
     load_before = _load_average()
-    result = train(
-        model, SyntheticTrainingData(model.img_size), config, on_step=on_step, progress=False
-    )
-    if not rows or rows[-1]["steps"] != result.step:
-        evaluate(result.history[-1] if result.history else None)
+    # Training scenes are drawn at the holdout's size and resized to the model input like any
+    # image, so a smaller model input sees the same distribution.
+    data = SyntheticTrainingData(model.img_size, scene_size=_SCENE_SIZE)
+    result = train(model, data, config, on_step=on_step, progress=False)
+    evaluate(result.history[-1] if result.history else None, final=True)
     final = rows[-1]
     passed = {
         k: (final[k] >= v if k.startswith("miou") else final[k] <= v) for k, v in TARGETS.items()
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": minutes,
         "holdout_images": n_holdout,
         "holdout_seed": HOLDOUT_SEED,
+        "image_size": model.img_size,
+        "scene_size": list(_SCENE_SIZE),
         "config": config.to_dict(),
         "steps": result.step,
         "train_s": result.train_s,
