@@ -132,7 +132,7 @@ def test_stage1_waits_for_label_studio_and_stores_what_people_drew(
     assert round_report.masks == 4
     assert report.final_version in (round_report.trained_version, report.start_version)
 
-    records = MaskStore(config.root).mask_records(stage=1, round=0)
+    records = MaskStore(config.root).mask_records(stage=1, round=0, split="pool")
     assert len(records) == 4
     for record in records:
         assert record.source == "manual"
