@@ -1,0 +1,75 @@
+"""The thin tasks, called with ``task.fn()`` (no flow run): each does its one library call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prefect.logging import disable_run_logger
+
+from flows.config import EngineConfig, parse_config
+from flows.report.summary import read_round_manifests
+from flows.sources import prepare_source
+from flows.tasks import commit_masks, record_round, round_image_ids, store_for
+from storage import rle as rle_codec
+from storage.mask_store import MaskRecord
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> EngineConfig:
+    config = parse_config(
+        {
+            "root": str(tmp_path / "root"),
+            "source": {"holdout_images": 1, "image_size": 48},
+            "stage1": {"rounds": 2, "images_per_round": 2},
+            "stage2": {"rounds": 1, "images_per_round": 3},
+            "stage3": {"rounds": 1, "images_per_round": 1},
+        }
+    )
+    prepare_source(store_for(config), config)
+    return config
+
+
+def _mask(image_id: str, k: int, run_id: str) -> MaskRecord:
+    mask = np.zeros((1, 48, 48), bool)
+    mask[0, k : k + 5, 3:9] = True
+    return MaskRecord(image_id, rle_codec.encode(mask)[0], 1, 0, "manual", run_id)
+
+
+def test_round_images_are_fixed_disjoint_slices_of_the_pool(config: EngineConfig) -> None:
+    with disable_run_logger():
+        batches = {
+            (s, r): round_image_ids.fn(config, s, r) for s, r in ((1, 0), (1, 1), (2, 0), (3, 0))
+        }
+        again = round_image_ids.fn(config, 2, 0)
+    assert [len(b) for b in batches.values()] == [2, 2, 3, 1]
+    flat = [i for b in batches.values() for i in b]
+    assert len(flat) == len(set(flat)) == 8
+    assert again == batches[(2, 0)]
+    holdout = {r.image_id for r in store_for(config).images("holdout")}
+    assert not holdout & set(flat)
+
+
+def test_commit_masks_once_per_run_id_and_never_twice(config: EngineConfig) -> None:
+    image_ids = round_image_ids.fn(config, 1, 0)
+    ours = [_mask(image_ids[0], 2, "engine"), _mask(image_ids[1], 7, "engine")]
+    theirs = [_mask(image_ids[0], 20, "label-studio-7.1")]
+    store = store_for(config)
+    store.write_masks(theirs, stage=1, round=0, run_id="label-studio-7.1")  # reconciled already
+    with disable_run_logger():
+        first = commit_masks.fn(config, ours + theirs, 1, 0)
+        second = commit_masks.fn(config, ours + theirs, 1, 0)
+    assert first["masks"] == 3 and first["masks_new"] == 2
+    assert second["masks_new"] == 0 and second["sequence"] == first["sequence"]
+    assert store.count_masks(stage=1, round=0, split="pool") == 3
+    runs = sorted(c.run_id for c in store.commits() if c.stage == 1 and c.files)
+    assert runs == ["coco-import", "engine", "label-studio-7.1"]
+
+
+def test_record_round_writes_a_manifest_the_report_reads(config: EngineConfig) -> None:
+    manifest = {"stage": 2, "round": 0, "image_ids": ["a", "b"], "masks": 5, "masks_new": 5}
+    with disable_run_logger():
+        key = record_round.fn(config, manifest)
+    assert key.endswith("stage2-round000.json")
+    assert read_round_manifests(store_for(config))[(2, 0)] == manifest
