@@ -105,7 +105,7 @@ def _run_one(variant: str, workload: str, image_path: str | None, repeats: int) 
     import torch
 
     from engine.amg import AutomaticMaskGenerator
-    from engine.build_sam import build_sam
+    from engine.builder import build_sam
 
     image = _load_image(image_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.modeling.sam import Sam
 from engine.predictor import SamPredictor
 

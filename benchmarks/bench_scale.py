@@ -48,7 +48,7 @@ def _prepare(tmp: Path, n_images: int, size: int) -> tuple[str, list[Path]]:
     """A seeded untrained tiny checkpoint and ``n_images`` synthetic scenes."""
     import torch
 
-    from engine.build_sam import build_sam
+    from engine.builder import build_sam
     from engine.checkpoint import save_checkpoint
     from engine.synthetic import write_synthetic_dataset
 

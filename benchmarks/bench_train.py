@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.build_sam import build_sam
+    from engine.builder import build_sam
     from engine.evaluation import evaluate_interactive, synthetic_holdout
     from engine.training import StepLog, SyntheticTrainingData, TrainConfig, train
 

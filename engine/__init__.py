@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.build_sam import build_sam, build_sam_from_args, sam_model_registry
+    from engine.builder import build_sam, build_sam_from_args, sam_model_registry
     from engine.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
     from engine.embeddings import CachedEmbedding, EmbeddingCache
     from engine.modeling.sam import Sam
@@ -39,9 +39,9 @@ __all__ = [
 ]
 
 _HOMES = {
-    "build_sam": "engine.build_sam",
-    "build_sam_from_args": "engine.build_sam",
-    "sam_model_registry": "engine.build_sam",
+    "build_sam": "engine.builder",
+    "build_sam_from_args": "engine.builder",
+    "sam_model_registry": "engine.builder",
     "CheckpointMeta": "engine.checkpoint",
     "load_checkpoint": "engine.checkpoint",
     "save_checkpoint": "engine.checkpoint",

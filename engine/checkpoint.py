@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from engine.build_sam import VARIANTS, build_sam_from_args, resolve_build_args
+from engine.builder import VARIANTS, build_sam_from_args, resolve_build_args
 from engine.modeling.sam import Sam
 from storage.errors import CheckpointError, DataEngineError
 from storage.location import read_uri, write_uri_atomic

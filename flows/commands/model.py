@@ -219,7 +219,7 @@ def _parent_model(
     endpoint_url: str | None,
 ) -> tuple[Any, str | None, Any]:
     """(model to train, parent name or None, checkpoint meta or None) for ``--from``."""
-    from engine.build_sam import build_sam
+    from engine.builder import build_sam
     from engine.checkpoint import load_checkpoint
     from storage.errors import ConfigError
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from engine.modeling.sam import Sam
 from engine.predictor import SamPredictor

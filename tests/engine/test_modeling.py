@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from engine.build_sam import build_sam, build_sam_from_args, resolve_build_args
+from engine.builder import build_sam, build_sam_from_args, resolve_build_args
 from engine.modeling.common import LayerNorm2d
 from engine.modeling.factored_attention import keys_folded_attention, queries_folded_attention
 from engine.modeling.image_encoder import Attention as VitAttention

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.checkpoint import load_checkpoint
 from storage.errors import CheckpointError
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.embeddings import EmbeddingCache
 from engine.modeling.sam import Sam
 from engine.predictor import SamPredictor

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.evaluation.metrics import InteractiveMetrics
 from engine.registry import ModelRegistry
 from storage.errors import CheckpointError, NotFoundError

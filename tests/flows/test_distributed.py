@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.checkpoint import save_checkpoint
 from engine.synthetic import write_synthetic_dataset
 from flows.distributed import (

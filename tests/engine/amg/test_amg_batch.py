@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from engine.amg import AutomaticMaskGenerator, generate_for_images
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.checkpoint import save_checkpoint
 from engine.predictor import SamPredictor
 from engine.registry import ModelRegistry

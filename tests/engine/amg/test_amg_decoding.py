@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from engine.amg.decoding import PointDecoder
 from engine.amg.stability import stability_score
 from engine.amg.upsampling import LogitUpsampler
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 
 
 @pytest.fixture(scope="module")

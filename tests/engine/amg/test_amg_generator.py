@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.amg import AutomaticMaskGenerator, paper_preset
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.embeddings import EmbeddingCache
 from engine.synthetic import generate_scene
 from storage import rle

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.amg import AutomaticMaskGenerator
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.synthetic import generate_scene
 from storage import rle
 

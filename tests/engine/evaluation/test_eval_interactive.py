@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.evaluation import (
     coco_holdout,
     evaluate_interactive,

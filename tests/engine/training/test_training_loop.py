@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.build_sam import build_sam
+from engine.builder import build_sam
 from engine.checkpoint import load_checkpoint
 from engine.training.data import SyntheticTrainingData, TrainSample
 from engine.training.loop import TrainConfig, collate, lr_at, train
