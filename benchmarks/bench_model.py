@@ -6,6 +6,7 @@ or bfloat16 autocast:
 - encoder: seconds per image at the model's input size (256 px tiny, 1024 px vit_b);
 - decoder: milliseconds for one prompt batch (prompt encoder + mask decoder, multimask output)
   of 1 point and of 64 points (one point per prompt, as the automatic mask generator sends);
+- the decoder's folded cross-attention (``Sam.use_factored_attention``) on and off;
 - click: ``SamPredictor.predict`` with one point from a cached embedding (``set_embedding``),
   masks returned at the original image size, the latency an annotator feels.
 
@@ -36,6 +37,13 @@ from engine.modeling.sam import Sam
 from engine.predictor import SamPredictor
 
 TARGET_CLICK_MS = {"vit_b": 50.0}
+#: Name -> (use SDPA, autocast dtype or None for float32, factored decoder attention).
+_CONFIGS: dict[str, tuple[bool, torch.dtype | None, bool]] = {
+    "sdpa-fp32": (True, None, True),
+    "math-fp32": (False, None, True),
+    "sdpa-bf16": (True, torch.bfloat16, True),
+    "sdpa-fp32-unfactored": (True, None, False),
+}
 TARGET_ENCODER_S = {"tiny": 0.100}
 #: Original image sizes (H, W) for the click: a 1024 px photo and the SA-1B average.
 CLICK_SIZES = ((768, 1024), (1500, 2250))
@@ -48,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=["tiny", "vit_b"])
     parser.add_argument("--runs", type=int, default=None, help="runs per decoder/click timing")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=sorted(_CONFIGS),
+        default=None,
+        help="attention/dtype settings to time (default: all; --quick: sdpa-fp32 for ViTs)",
+    )
+    parser.add_argument(
+        "--no-encoder", action="store_true", help="skip the ViT encoder timing (~1 TFLOP each)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict[str, Any]] = []
     for variant in args.variants:
-        rows.extend(_bench_variant(variant, device, runs, args.quick))
+        rows.extend(
+            _bench_variant(variant, device, runs, args.quick, args.configs, args.no_encoder)
+        )
     result = {
         "benchmark": "model",
         "quick": args.quick,
@@ -72,39 +92,55 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _bench_variant(variant: str, device: torch.device, runs: int, quick: bool) -> list[dict]:
+def _bench_variant(
+    variant: str,
+    device: torch.device,
+    runs: int,
+    quick: bool,
+    config_names: list[str] | None,
+    no_encoder: bool,
+) -> list[dict]:
     torch.manual_seed(0)
     model = build_sam(variant, device=device)
-    configs: list[tuple[bool, torch.dtype | None]] = [
-        (True, None),
-        (False, None),
-        (True, torch.bfloat16),
-    ]
-    if quick and variant != "tiny":
-        configs = configs[:1]
+    names = config_names or list(_CONFIGS)
+    if quick and variant != "tiny" and config_names is None:
+        names = ["sdpa-fp32"]
     rows = []
-    for use_sdpa, dtype in configs:
+    for name in names:
+        use_sdpa, dtype, factored = _CONFIGS[name]
         model.use_sdpa = use_sdpa
-        rows.append(_bench_config(model, variant, dtype, runs))
+        model.use_factored_attention = factored
+        skip_encoder = no_encoder and variant != "tiny"
+        rows.append(_bench_config(model, variant, dtype, runs, skip_encoder))
         print(_format_row(rows[-1]), flush=True)
     model.use_sdpa = True
+    model.use_factored_attention = True
     return rows
 
 
-def _bench_config(model: Sam, variant: str, dtype: torch.dtype | None, runs: int) -> dict:
+def _bench_config(
+    model: Sam, variant: str, dtype: torch.dtype | None, runs: int, skip_encoder: bool
+) -> dict:
     row: dict[str, Any] = {
         "variant": variant,
         "sdpa": model.use_sdpa,
         "dtype": "bfloat16" if dtype else "float32",
+        "factored": model.use_factored_attention,
     }
     # A ViT-B encoder pass is ~1 TFLOP: a few runs are enough for its median.
     encoder_runs = runs if variant == "tiny" else max(1, min(3, runs // 5))
     if dtype is not None and variant != "tiny":
         encoder_runs = 1  # bf16 is emulated (slow) on CPUs without AVX512-BF16
-    row["encoder_s"], row["encoder_cpu_s"] = _median(
-        functools.partial(_encode, model, dtype), encoder_runs
-    )
-    embedding = _encode(model, dtype)
+    if skip_encoder:
+        row["encoder_s"] = row["encoder_cpu_s"] = float("nan")
+        embedding = torch.randn(
+            1, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size
+        ).to(model.device)
+    else:
+        row["encoder_s"], row["encoder_cpu_s"] = _median(
+            functools.partial(_encode, model, dtype), encoder_runs
+        )
+        embedding = _encode(model, dtype)
     for n_prompts in (1, 64):
         decode = functools.partial(_decode, model, embedding, n_prompts, dtype)
         wall, cpu = _median(decode, runs)
@@ -171,6 +207,7 @@ def _format_row(row: dict[str, Any]) -> str:
     )
     return (
         f"{row['variant']:<6} {'sdpa' if row['sdpa'] else 'math':<5} {row['dtype']:<9} "
+        f"{'yes' if row['factored'] else 'no':<4} "
         f"{pair('encoder_s', 'encoder_cpu_s', '7.3f')}  "
         f"{pair('decoder_ms_1', 'decoder_cpu_ms_1', '7.1f')}  "
         f"{pair('decoder_ms_64', 'decoder_cpu_ms_64', '8.1f')}  {clicks}"
@@ -181,13 +218,14 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     sizes = "  ".join(f"click {h}x{w:<10}" for h, w in CLICK_SIZES)
     print(
         f"\nmedian wall (median process CPU), threads={torch.get_num_threads()}\n"
-        f"{'model':<6} {'attn':<5} {'dtype':<9} {'encoder s/img':<17}  {'decoder ms 1pt':<17}  "
+        f"{'model':<6} {'attn':<5} {'dtype':<9} {'fold':<4} {'encoder s/img':<17}  "
+        f"{'decoder ms 1pt':<17}  "
         f"{'decoder ms 64pt':<19}  {sizes}"
     )
     for row in rows:
         print(_format_row(row))
     for row in rows:
-        if not (row["sdpa"] and row["dtype"] == "float32"):
+        if not (row["sdpa"] and row["dtype"] == "float32" and row["factored"]):
             continue
         variant = row["variant"]
         if variant in TARGET_CLICK_MS:

@@ -72,7 +72,8 @@ def queries_folded_attention(layer: Attention, q: Tensor, k: Tensor, v: Tensor) 
         logits_t = torch.baddbmm(k_bias, k_tilde.expand(batch, -1, -1), q.transpose(1, 2))
     rows = logits_t.numel() // (heads * nk * nq)  # bk (shared queries) or batch
     probs_t = logits_t.view(rows, heads, nk, nq).softmax(dim=2).view(rows, heads * nk, nq)
-    probs_t = probs_t.expand(batch, -1, -1)
-    return torch.baddbmm(
-        layer.out_proj.bias, probs_t.transpose(1, 2), v_tilde.expand(batch, -1, -1)
-    )
+    # Each query's probabilities sum to 1 per head, so to `heads` over all rows of v_tilde:
+    # adding bias / heads to every row adds the output bias exactly once, without a pass over
+    # the (queries x C) output.
+    v_tilde = v_tilde + layer.out_proj.bias / heads
+    return probs_t.expand(batch, -1, -1).transpose(1, 2) @ v_tilde.expand(batch, -1, -1)
