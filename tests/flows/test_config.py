@@ -180,3 +180,8 @@ def test_demo_config_scales_images_and_minutes() -> None:
     assert training_minutes(small) == pytest.approx(2.0)
     with pytest.raises(ConfigError, match="--minutes"):
         demo_config("/x", minutes=0)
+
+
+def test_the_example_config_is_valid_and_states_the_defaults() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "config.toml"
+    assert load_config(example) == parse_config({"root": "./engine-data"})
