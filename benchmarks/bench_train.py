@@ -55,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.builder import build_sam
     from engine.evaluation import evaluate_interactive, synthetic_holdout
-    from engine.training import StepLog, SyntheticTrainingData, TrainConfig, train
+    from engine.training import (
+        StepLog,
+        SyntheticTrainingData,
+        TrainConfig,
+        no_point_rounds_for,
+        train,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         images_per_step=args.images_per_step,
         masks_per_image=args.masks_per_image,
         num_rounds=args.num_rounds,
-        no_point_rounds=min(2, args.num_rounds - 1),
+        no_point_rounds=no_point_rounds_for(args.num_rounds),
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         seed=args.seed,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from tqdm import tqdm
 
 from engine.evaluation.clicks import Click, next_click
 from engine.evaluation.metrics import InteractiveMetrics, mask_iou, summarize
+
+if TYPE_CHECKING:
+    from engine.modeling.sam import Sam
 
 __all__ = ["EvalSample", "evaluate_interactive", "mask_boxes_xyxy"]
 
@@ -58,7 +62,7 @@ def mask_boxes_xyxy(masks: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_interactive(
-    model: torch.nn.Module,
+    model: Sam,
     samples: Iterable[EvalSample],
     *,
     max_clicks: int = 20,
@@ -102,7 +106,7 @@ def evaluate_interactive(
 class _ImageSession:
     """One image encoded once; decodes batches of prompts given in original-image pixels."""
 
-    def __init__(self, model: torch.nn.Module, image: np.ndarray) -> None:
+    def __init__(self, model: Sam, image: np.ndarray) -> None:
         from engine.transforms import ResizeLongestSide
 
         self.model = model

@@ -11,7 +11,14 @@ from engine.training.data import (
     TrainingData,
     TrainSample,
 )
-from engine.training.loop import StepLog, TrainConfig, TrainResult, lr_at, train
+from engine.training.loop import (
+    StepLog,
+    TrainConfig,
+    TrainResult,
+    lr_at,
+    no_point_rounds_for,
+    train,
+)
 from engine.training.simulation import SimulationResult, simulate_interactive
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "TrainSample",
     "TrainingData",
     "lr_at",
+    "no_point_rounds_for",
     "simulate_interactive",
     "train",
 ]

@@ -34,7 +34,17 @@ from storage.errors import ConfigError, TrainingError
 if TYPE_CHECKING:
     from engine.modeling.sam import Sam
 
-__all__ = ["StepLog", "TrainConfig", "TrainResult", "collate", "lr_at", "param_groups", "train"]
+__all__ = [
+    "StepLog",
+    "TrainConfig",
+    "TrainResult",
+    "collate",
+    "focal_weight_at",
+    "lr_at",
+    "no_point_rounds_for",
+    "param_groups",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -280,6 +290,14 @@ def train(
         _save(model, optimizer, step, checkpoint_uri, checkpoint_meta, config)
     model.eval()
     return result
+
+
+def no_point_rounds_for(num_rounds: int) -> int:
+    """SAM's share of rounds without a new point (2 of the 10 after the first), for any count.
+
+    11 rounds -> 2, 6 -> 1, 3 -> 0: short simulations keep their corrective clicks.
+    """
+    return round(2 * max(0, num_rounds - 1) / 10)
 
 
 def lr_at(step: int, fraction: float, config: TrainConfig) -> float:

@@ -96,7 +96,7 @@ def train(
     promoted when it is not worse than its parent.
     """
     from engine.registry import ModelRegistry
-    from engine.training import StoreTrainingData, TrainConfig
+    from engine.training import StoreTrainingData, TrainConfig, no_point_rounds_for
     from engine.training import train as run_training
     from storage.errors import ConfigError
     from storage.mask_store import MaskStore
@@ -117,7 +117,7 @@ def train(
         images_per_step=images_per_step,
         masks_per_image=masks_per_image,
         num_rounds=num_rounds,
-        no_point_rounds=min(2, num_rounds - 1),
+        no_point_rounds=no_point_rounds_for(num_rounds),
         seed=seed,
         freeze_image_encoder=freeze_encoder,
         checkpoint_every=200,
