@@ -558,9 +558,13 @@ class MaskStore:
 
     # ---------------------------------------------------------------------------- other objects
 
-    def put_object(self, key: str, data: bytes) -> None:
-        """Write another subsystem's object (e.g. ``models/<version>/model.pt``) atomically."""
-        self.location.put_bytes(self._object_key(key), data)
+    def put_object(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        """Write another subsystem's object (e.g. ``models/<version>/model.pt``) atomically.
+
+        With ``exclusive`` the object is created only if absent; otherwise
+        :class:`CommitConflictError` is raised and nothing changes.
+        """
+        self.location.put_bytes(self._object_key(key), data, exclusive=exclusive)
 
     def get_object(self, key: str) -> bytes:
         """Read an object written with :meth:`put_object`; :class:`NotFoundError` if absent."""
