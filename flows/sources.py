@@ -11,6 +11,11 @@ way for every source; the pool's ground truth, which only the simulated annotato
 COCO file at :data:`~flows.annotators.ground_truth.GROUND_TRUTH_KEY`. Everything is a pure
 function of (seed, sizes), so registering again changes nothing.
 
+Folder or S3 source: images are registered by :func:`storage.export.import_dataset` with
+``quarantine=True``: a file that is empty, truncated, not an image, over the pixel limit or listed
+under an unsafe key is recorded in the store's quarantine (:mod:`storage.quarantine`) with its
+reason and left out, so the run goes on with the usable images.
+
 A round's batch is a fixed slice of the pool in registration order: stage 1 takes the first
 images, stage 2 the next, stage 3 the rest; a resumed run picks exactly the same images.
 """
@@ -57,12 +62,17 @@ _SYNTHETIC_PREFIX = "sources/synthetic"
 
 @dataclass(frozen=True)
 class SourceSummary:
-    """What a registered source holds: image counts and the holdout's object count."""
+    """What a registered source holds: image counts and the holdout's object count.
+
+    ``quarantined`` counts the source's image files that were refused (pool and holdout), now
+    or by an earlier registration; they are in :func:`storage.quarantine.quarantined`.
+    """
 
     pool_images: int
     holdout_images: int
     holdout_objects: int
     synthetic: bool
+    quarantined: int = 0
 
 
 def dataset_id(store: MaskStore) -> str:
@@ -238,18 +248,22 @@ def _store_holdout_truth(
 def _register_folder(
     store: MaskStore, source: SourceConfig, *, endpoint_url: str | None
 ) -> SourceSummary:
-    import_dataset(store, source.images, split="pool", endpoint_url=endpoint_url)
+    pool = import_dataset(
+        store, source.images, split="pool", endpoint_url=endpoint_url, quarantine=True
+    )
     assert source.holdout is not None and source.holdout_coco is not None  # config checks it
-    import_dataset(
+    holdout = import_dataset(
         store,
         source.holdout,
         coco=source.holdout_coco,
         split="holdout",
         endpoint_url=endpoint_url,
+        quarantine=True,
     )
     return SourceSummary(
         pool_images=len(store.images("pool")),
         holdout_images=len(store.images("holdout")),
         holdout_objects=store.count_masks(split="holdout"),
         synthetic=False,
+        quarantined=pool.images_quarantined + holdout.images_quarantined,
     )

@@ -32,6 +32,7 @@ __all__ = [
     "check_label_studio",
     "commit_masks",
     "current_version",
+    "finished_round",
     "generate_auto_masks",
     "prelabel_masks",
     "prepare_dataset",
@@ -118,7 +119,14 @@ def register_source(config: EngineConfig, dataset: str) -> dict[str, Any]:
     from flows.sources import prepare_source
 
     summary = prepare_source(store_for(config), config)
-    get_run_logger().info("image source ready: %s", summary)
+    logger = get_run_logger()
+    logger.info("image source ready: %s", summary)
+    if summary.quarantined:
+        logger.warning(
+            "%d image file(s) of the source are quarantined and left out; "
+            "`data-engine stats` lists the reasons",
+            summary.quarantined,
+        )
     return asdict(summary)
 
 
@@ -381,3 +389,21 @@ def record_round(config: EngineConfig, manifest: dict[str, Any]) -> str:
     key = round_manifest_key(config.run_name, int(manifest["stage"]), int(manifest["round"]))
     store_for(config).put_object(key, json.dumps(manifest, sort_keys=True).encode("utf-8"))
     return key
+
+
+@task(name="finished-round", cache_policy=NO_CACHE, **_IO_RETRIES)
+def finished_round(config: EngineConfig, stage: int, round: int) -> dict[str, Any] | None:
+    """The manifest :func:`record_round` stored for (stage, round) of this run name, or None
+    if the round has not finished."""
+    import json
+
+    from flows.report.summary import round_manifest_key
+    from storage.errors import NotFoundError
+
+    key = round_manifest_key(config.run_name, stage, round)
+    try:
+        data = store_for(config).get_object(key)
+    except NotFoundError:
+        return None
+    manifest: dict[str, Any] = json.loads(data)
+    return manifest

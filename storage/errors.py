@@ -14,7 +14,9 @@ expected, and never contain secrets (tokens, passwords, keys).
     │   └── ConfigError                       config with unknown keys or wrong types
     ├── StorageError                          the mask store could not read or write
     │   ├── CommitConflictError               another writer committed the same sequence first
-    │   └── NotFoundError (also KeyError)     a version, snapshot, image or object that is absent
+    │   ├── NotFoundError (also KeyError)     a version, snapshot, image or object that is absent
+    │   └── LeaseLostError                    a lease this process held was taken over
+    ├── LeaseHeldError                        another live run holds the lease (nothing was done)
     ├── CheckpointError                       a checkpoint whose keys or shapes do not fit a variant
     ├── TrainingError                         no data, NaN loss, holdout overlapping training data
     └── AnnotationError                       Label Studio unreachable, bad annotation JSON
@@ -30,6 +32,8 @@ __all__ = [
     "DataEngineError",
     "ImageError",
     "InvalidInputError",
+    "LeaseHeldError",
+    "LeaseLostError",
     "MaskFormatError",
     "NotFoundError",
     "PromptError",
@@ -61,7 +65,16 @@ class UnsafeKeyError(InvalidInputError):
 
 
 class ImageError(InvalidInputError):
-    """An image is unreadable, truncated, empty or over the pixel limit."""
+    """An image is unreadable, truncated, empty or over the pixel limit.
+
+    ``reason`` is a short fixed phrase for counting and quarantine records (``"empty file"``,
+    ``"unknown format"``, ``"too many pixels"``, ``"zero size"``, ``"truncated or corrupt"``,
+    ``"unreadable"``); the message says the rest.
+    """
+
+    def __init__(self, message: str, *, reason: str = "unreadable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PromptError(InvalidInputError):
@@ -85,6 +98,14 @@ class NotFoundError(StorageError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class LeaseLostError(StorageError):
+    """A lease this process held expired and another run took it; stop before writing more."""
+
+
+class LeaseHeldError(DataEngineError):
+    """Another live run holds the lease (its owner and expiry are named); nothing was done."""
 
 
 class CheckpointError(DataEngineError):

@@ -13,7 +13,9 @@ crop_box, point_coords}]}`` with the same integer ids as the COCO export; ``file
 image file's base name. Human masks have ``predicted_iou``/``stability_score``/``crop_box`` null.
 
 Import: images under a folder or S3 prefix are decoded (a broken file stops the import before
-anything is written), identified by content hash and registered in ``split``. COCO annotations
+anything is written, or with ``quarantine=True`` is recorded in the store's quarantine,
+:mod:`storage.quarantine`, while the others are imported), identified by content hash and
+registered in ``split``. COCO annotations
 (compressed RLE, uncompressed RLE or polygons; ``iscrowd`` regions skipped) are matched to files
 by relative path, else by base name, and stored as stage 1, round 0, source ``manual`` masks with
 run id ``coco-import``. For ``split="holdout"`` those masks are the holdout's ground truth: same
@@ -31,10 +33,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from storage.errors import InvalidInputError, RleError
-from storage.images import decode_image, image_id_for, list_images, sha256_hex
+from storage.errors import ImageError, InvalidInputError, RleError, UnsafeKeyError
+from storage.images import decode_image, image_id_for, scan_images, sha256_hex
 from storage.location import read_uri, write_uri_atomic
 from storage.mask_store import ImageRecord, MaskRecord, MaskStore
+from storage.quarantine import UNSAFE_KEY_REASON, QuarantineEntry, quarantine_image
 from storage.rle import Rle, validate
 from storage.schema import stored_float
 
@@ -65,7 +68,13 @@ class ExportResult:
 
 @dataclass(frozen=True)
 class ImportResult:
-    """What an import found and added."""
+    """What an import found and added.
+
+    ``images_found`` counts every image file listed; each was either read and registered (new
+    or already there) or quarantined, so ``images_processed + images_quarantined ==
+    images_found``. ``quarantined`` lists this import's refused files (new entries and entries
+    recorded by an earlier import alike).
+    """
 
     images_found: int
     images_added: int
@@ -73,6 +82,17 @@ class ImportResult:
     masks_skipped: int
     annotations_unmatched: int
     annotations_crowd: int
+    quarantined: tuple[QuarantineEntry, ...] = ()
+
+    @property
+    def images_quarantined(self) -> int:
+        """Image files refused by this import."""
+        return len(self.quarantined)
+
+    @property
+    def images_processed(self) -> int:
+        """Image files read, decoded and registered (or found registered already)."""
+        return self.images_found - self.images_quarantined
 
 
 def coco_dict(
@@ -151,19 +171,38 @@ def import_dataset(
     split: str = "pool",
     endpoint_url: str | None = None,
     progress: Progress | None = None,
+    quarantine: bool = False,
+    max_pixels: int = 64_000_000,
 ) -> ImportResult:
     """Register the images under ``images`` and, with ``coco``, their masks (idempotent).
 
-    Raises :class:`ImageError` for an unreadable image and :class:`InvalidInputError` for a
-    COCO file that does not fit the images, before anything is written.
+    Raises :class:`ImageError` for an unreadable image (:class:`UnsafeKeyError` for an image
+    listed under an unsafe key) and :class:`InvalidInputError` for a COCO file that does not
+    fit the images, before anything is written. With ``quarantine``, such images are recorded
+    in the store's quarantine instead (never twice) and the others are imported; their COCO
+    annotations count as unmatched.
     """
-    uris = list_images(images, endpoint_url=endpoint_url)
+    scan = scan_images(images, endpoint_url=endpoint_url)
+    if scan.rejected and not quarantine:
+        raise UnsafeKeyError(f"image source {images!r}: {scan.rejected[0].message}")
+    now = datetime.now(UTC)
+    refused = [
+        QuarantineEntry(r.key, UNSAFE_KEY_REASON, r.message, None, now) for r in scan.rejected
+    ]
+    uris: list[str] = []
     records: list[ImageRecord] = []
-    loop: Iterable[str] = progress(uris) if progress is not None else uris
+    loop: Iterable[str] = progress(scan.uris) if progress is not None else scan.uris
     for uri in loop:
         data = read_uri(uri, endpoint_url=endpoint_url)
-        pixels = decode_image(data, name=uri)
+        try:
+            pixels = decode_image(data, name=uri, max_pixels=max_pixels)
+        except ImageError as err:
+            if not quarantine:
+                raise
+            refused.append(QuarantineEntry(uri, err.reason, str(err), sha256_hex(data), now))
+            continue
         height, width = pixels.shape[:2]
+        uris.append(uri)
         records.append(
             ImageRecord(image_id_for(data), uri, width, height, sha256_hex(data), split=split)
         )
@@ -172,12 +211,17 @@ def import_dataset(
     if coco is not None:
         document = _load_coco(coco, endpoint_url)
         masks, unmatched, crowd = _coco_masks(document, coco, images, uris, records)
+    for entry in refused:
+        quarantine_image(
+            store, entry.key, reason=entry.reason, message=entry.message, sha256=entry.sha256
+        )
     added = store.add_images(records)
     masks_added = skipped = 0
     if masks:
         info = store.write_masks(masks, stage=1, round=0, run_id=IMPORT_RUN_ID)
         masks_added, skipped = info.counts["masks"], info.counts["skipped"]
-    return ImportResult(len(records), added, masks_added, skipped, unmatched, crowd)
+    found = len(scan.uris) + len(scan.rejected)
+    return ImportResult(found, added, masks_added, skipped, unmatched, crowd, tuple(refused))
 
 
 def _image_numbers(store: MaskStore) -> dict[str, int]:

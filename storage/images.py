@@ -15,13 +15,23 @@ import io
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
-from storage.errors import ImageError
+from storage.errors import ImageError, UnsafeKeyError
 from storage.location import StorageLocation
 
-__all__ = ["IMAGE_EXTENSIONS", "decode_image", "image_id_for", "list_images", "sha256_hex"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageScan",
+    "RejectedKey",
+    "decode_image",
+    "image_id_for",
+    "list_images",
+    "scan_images",
+    "sha256_hex",
+]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _ID_HEX_DIGITS = 24
@@ -54,7 +64,7 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = 64_000_000) -> np.
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
-        raise ImageError(f"image {name!r} is empty (0 bytes)")
+        raise ImageError(f"image {name!r} is empty (0 bytes)", reason="empty file")
     with warnings.catch_warnings():
         # Our own limit is checked below; Pillow's bomb warning would turn into an error in
         # strict settings for sizes we accept.
@@ -62,38 +72,92 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = 64_000_000) -> np.
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            raise ImageError(f"image {name!r} is not in a known image format") from None
+            raise ImageError(
+                f"image {name!r} is not in a known image format", reason="unknown format"
+            ) from None
         except Image.DecompressionBombError:
-            raise ImageError(f"image {name!r} has more than {max_pixels} pixels") from None
+            raise ImageError(
+                f"image {name!r} has more than {max_pixels} pixels, the limit (its header "
+                "declares a decompression bomb)",
+                reason="too many pixels",
+            ) from None
         except _DECODE_ERRORS as err:
-            raise ImageError(f"image {name!r} cannot be read: {err}") from None
+            raise ImageError(
+                f"image {name!r} cannot be read: {err}", reason="truncated or corrupt"
+            ) from None
         width, height = image.size
         if width <= 0 or height <= 0:
-            raise ImageError(f"image {name!r} has zero size ({width}x{height})")
+            raise ImageError(f"image {name!r} has zero size ({width}x{height})", reason="zero size")
         if width * height > max_pixels:
             raise ImageError(
                 f"image {name!r} is {width}x{height} = {width * height} pixels; "
-                f"the limit is {max_pixels}"
+                f"the limit is {max_pixels}",
+                reason="too many pixels",
             )
         try:
             image.load()
             rgb = _to_rgb(ImageOps.exif_transpose(image))
         except _DECODE_ERRORS as err:
-            raise ImageError(f"image {name!r} is truncated or corrupt: {err}") from None
+            raise ImageError(
+                f"image {name!r} is truncated or corrupt: {err}", reason="truncated or corrupt"
+            ) from None
     return rgb
+
+
+@dataclass(frozen=True)
+class RejectedKey:
+    """A listed image whose key is unsafe (see :mod:`storage.location`); it was never read.
+
+    ``key`` is the source root and the key as listed, joined with ``/``: a name for reports,
+    never a path to open.
+    """
+
+    key: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ImageScan:
+    """What a folder or S3 prefix holds: the URIs of its image files, sorted, and the image
+    files whose keys were refused."""
+
+    uris: list[str]
+    rejected: list[RejectedKey]
+
+
+def scan_images(source: str, *, endpoint_url: str | None = None) -> ImageScan:
+    """The image files under a folder or S3 prefix, and those whose keys are unsafe.
+
+    Recursive; matches the extensions in :data:`IMAGE_EXTENSIONS`, case-insensitively, and
+    skips hidden files. An S3 listing can return keys such as ``a/../../b.png`` or
+    ``%2e%2e/x.png``; they land in ``rejected`` with the reason, unread. A folder that does not
+    exist raises :class:`ImageError`.
+    """
+    location = StorageLocation(source, endpoint_url=endpoint_url)
+    if not location.is_s3 and not os.path.isdir(location.root):
+        raise ImageError(f"image folder {source!r} does not exist or is not a folder")
+    uris: list[str] = []
+    rejected: list[RejectedKey] = []
+    for key in location.list(""):
+        if not key.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        try:
+            uris.append(location.uri(key))
+        except UnsafeKeyError as err:
+            rejected.append(RejectedKey(f"{location.root}/{key}", str(err)))
+    return ImageScan(uris, rejected)
 
 
 def list_images(source: str, *, endpoint_url: str | None = None) -> list[str]:
     """URIs (absolute paths or ``s3://``) of the image files under a folder or S3 prefix, sorted.
 
-    Recursive; matches the extensions in :data:`IMAGE_EXTENSIONS`, case-insensitively, and
-    skips hidden files. A folder that does not exist raises :class:`ImageError`.
+    Like :func:`scan_images`, but an unsafe key raises :class:`UnsafeKeyError` naming it.
     """
-    location = StorageLocation(source, endpoint_url=endpoint_url)
-    if not location.is_s3 and not os.path.isdir(location.root):
-        raise ImageError(f"image folder {source!r} does not exist or is not a folder")
-    keys = location.list("")
-    return [location.uri(k) for k in keys if k.lower().endswith(IMAGE_EXTENSIONS)]
+    scan = scan_images(source, endpoint_url=endpoint_url)
+    if scan.rejected:
+        first = scan.rejected[0]
+        raise UnsafeKeyError(f"image source {source!r}: {first.message}")
+    return scan.uris
 
 
 def _to_rgb(image: object) -> np.ndarray:

@@ -3,7 +3,14 @@
 A *key* is a ``/``-separated path relative to the location's root (``masks/stage=1/part.parquet``).
 Every key is checked by :meth:`StorageLocation.key` before any I/O: no ``..`` or ``.`` segment, no
 absolute path, no backslash, NUL or other control character, no percent-encoding (``%2e%2e``)
-and no URI of another bucket (``s3://other/...``) can name an object outside the root.
+and no URI of another bucket (``s3://other/...``) can name an object outside the root. Keys are
+also refused when they could mislead a person, or a later tool that normalizes Unicode: format
+characters (a right-to-left override can make a name ending in ``gnp.exe`` display as
+``exe.png``; zero-width spaces), line separators, private-use or unassigned code points, text
+not in NFC (an NFD ``café`` differs byte-wise from the NFC one that looks the same), and
+characters that fold (NFKC) to ``/``, ``\\``, ``.``, ``:`` or ``%`` or look like a slash
+(fullwidth solidus ``／``, fraction slash ``⁄``). A segment is at most 255 bytes of UTF-8 (a
+file name) and a key at most 1024 (S3's limit).
 
 Writes are atomic: locally a temporary file next to the target (a dot-file, which listings and
 ``pyarrow.dataset`` skip) is renamed over it; on S3 an object appears whole when its single PUT
@@ -21,6 +28,7 @@ import builtins
 import functools
 import os
 import re
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +45,15 @@ _PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _TEMP_MARK = ".tmp-"
+# Unicode categories never allowed in a key: controls, format characters (bidi overrides,
+# zero-width), surrogates, private use, unassigned, line and paragraph separators.
+_BANNED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+# ASCII characters with a meaning in paths or URIs: nothing may fold (NFKC) into one of them.
+_PATH_SYNTAX = frozenset("/\\.:%")
+# Slash lookalikes that NFKC leaves alone.
+_SLASH_LOOKALIKES = frozenset("\u2044\u2215\u2216\u2571\u29f5\u29f8\u29f9")
+_MAX_SEGMENT_BYTES = 255
+_MAX_KEY_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -108,7 +125,13 @@ class StorageLocation:
                 raise UnsafeKeyError(f"key part {part!r} is {type(part).__name__}; expected str")
             _check_part(part)
             segments.extend(s for s in part.split("/") if s)
-        return "/".join(segments)
+        key = "/".join(segments)
+        if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
+            raise UnsafeKeyError(
+                f"key {key[:80]!r}... is {len(key.encode('utf-8'))} bytes of UTF-8; "
+                f"expected at most {_MAX_KEY_BYTES}"
+            )
+        return key
 
     def uri(self, key: str) -> str:
         """The absolute local path or ``s3://`` URI of ``key``."""
@@ -303,7 +326,10 @@ def _split_s3(uri: str) -> tuple[str, str]:
     if not _BUCKET.match(bucket):
         raise UnsafeKeyError(f"{uri!r}: bucket {bucket!r} is not a valid S3 bucket name")
     if prefix:
-        _check_part(prefix)
+        try:
+            _check_part(prefix)
+        except UnsafeKeyError as err:
+            raise UnsafeKeyError(f"{uri!r}: {err}") from None
     return bucket, "/".join(s for s in prefix.split("/") if s)
 
 
@@ -321,6 +347,39 @@ def _check_part(part: str) -> None:
     for segment in part.split("/"):
         if segment in (".", ".."):
             raise UnsafeKeyError(f"key {part!r} has a {segment!r} segment; it may escape the root")
+        if len(segment.encode("utf-8")) > _MAX_SEGMENT_BYTES:
+            raise UnsafeKeyError(
+                f"key {part[:80]!r}... has a segment of {len(segment.encode('utf-8'))} bytes; "
+                f"expected file names of at most {_MAX_SEGMENT_BYTES} bytes of UTF-8"
+            )
+    if not part.isascii():
+        _check_unicode(part)
+
+
+def _check_unicode(part: str) -> None:
+    """Refuse characters that hide or fake path syntax (see the module docstring)."""
+    for char in part:
+        if char.isascii():
+            continue
+        what = f"U+{ord(char):04X} {unicodedata.name(char, 'unnamed')}"
+        category = unicodedata.category(char)
+        if category in _BANNED_CATEGORIES or (category == "Zs" and char != " "):
+            raise UnsafeKeyError(
+                f"key {part!r} contains {what} (category {category}); expected visible "
+                "characters only"
+            )
+        folded = "/" if char in _SLASH_LOOKALIKES else unicodedata.normalize("NFKC", char)
+        if _PATH_SYNTAX.intersection(folded):
+            raise UnsafeKeyError(
+                f"key {part!r} contains {what}, which looks like {folded!r}; "
+                "expected the ASCII character itself or another one"
+            )
+    nfc = unicodedata.normalize("NFC", part)
+    if nfc != part:
+        raise UnsafeKeyError(
+            f"key {part!r} ({part!a}) is not in Unicode NFC: it looks the same as "
+            f"{nfc!a} but differs byte-wise; expected NFC file names"
+        )
 
 
 @functools.lru_cache(maxsize=8)

@@ -77,6 +77,14 @@ def import_(
         str | None, typer.Option("--coco", help="COCO annotations JSON (path or s3:// URI).")
     ] = None,
     split: Annotated[Split, typer.Option("--split")] = Split.pool,
+    quarantine: Annotated[
+        bool,
+        typer.Option(
+            "--quarantine",
+            help="Record unusable images in the store's quarantine and import the rest "
+            "(default: stop at the first one, before writing anything).",
+        ),
+    ] = False,
     endpoint_url: Annotated[str | None, _ENDPOINT] = None,
 ) -> None:
     """Register images (and COCO masks as stage-1 manual masks); importing again adds nothing."""
@@ -93,12 +101,16 @@ def import_(
         split=split.value,
         endpoint_url=endpoint_url,
         progress=lambda items: tqdm(items, desc="images", unit="image"),
+        quarantine=quarantine,
     )
+    for entry in result.quarantined:
+        typer.echo(f"quarantined {entry.key!a}: {entry.reason}")
     typer.echo(
         f"images: {result.images_found} found, {result.images_added} new ({split.value}); "
         f"masks: {result.masks_added} new, {result.masks_skipped} already present; "
         f"annotations without a matching image: {result.annotations_unmatched}, "
         f"crowd regions skipped: {result.annotations_crowd}"
+        + (f"; quarantined: {result.images_quarantined}" if result.quarantined else "")
     )
 
 
@@ -123,19 +135,25 @@ def stats(
     root: Annotated[str, _ROOT],
     endpoint_url: Annotated[str | None, _ENDPOINT] = None,
 ) -> None:
-    """Print image counts per split and mask counts per stage, round and source."""
+    """Print image counts per split, quarantined images per reason, and mask counts per stage,
+    round and source."""
     from storage.mask_store import MaskStore
+    from storage.quarantine import quarantine_reasons, quarantined
 
     store = MaskStore(root, endpoint_url=endpoint_url)
     images = store.images()
     commits = store.commits()
     table = store.masks()
+    refused = quarantined(store)
     typer.echo(f"store {store.location.root}")
     splits: dict[str, int] = {}
     for image in images:
         splits[image.split] = splits.get(image.split, 0) + 1
     split_text = ", ".join(f"{k} {v}" for k, v in sorted(splits.items())) or "none"
     typer.echo(f"images: {len(images)} ({split_text})")
+    if refused:
+        reasons = ", ".join(f"{r} {n}" for r, n in quarantine_reasons(refused).items())
+        typer.echo(f"quarantined: {len(refused)} ({reasons})")
     typer.echo(f"commits: {len(commits)}; masks: {table.num_rows}")
     if table.num_rows == 0:
         return
