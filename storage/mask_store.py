@@ -714,6 +714,18 @@ class _Batch:
                 raise InvalidInputError(
                     f"{name}.mask_id {mask_id!r}; expected 1-200 letters, digits, '._=+-'"
                 )
+            # Every field is checked, also of a record dropped below as a repeat: bad input is
+            # refused wherever it is in the batch.
+            optional = {
+                "predicted_iou": _opt_float(rec.predicted_iou, f"{name}.predicted_iou"),
+                "stability_score": _opt_float(rec.stability_score, f"{name}.stability_score"),
+                "point_coords": _opt_points(rec.point_coords, f"{name}.point_coords"),
+                "crop_box": _opt_box(rec.crop_box, f"{name}.crop_box"),
+                "model_version": _opt_str(rec.model_version, f"{name}.model_version"),
+                "annotator": _opt_str(rec.annotator, f"{name}.annotator"),
+                "lead_time_s": _opt_float(rec.lead_time_s, f"{name}.lead_time_s", minimum=0.0),
+                "clicks": _opt_int(rec.clicks, f"{name}.clicks"),
+            }
             if mask_id in seen:
                 if seen[mask_id] != seg["counts"]:
                     raise InvalidInputError(
@@ -730,18 +742,8 @@ class _Batch:
             columns["height"].append(seg["size"][0])
             columns["width"].append(seg["size"][1])
             columns["counts"].append(seg["counts"])
-            columns["predicted_iou"].append(_opt_float(rec.predicted_iou, f"{name}.predicted_iou"))
-            columns["stability_score"].append(
-                _opt_float(rec.stability_score, f"{name}.stability_score")
-            )
-            columns["point_coords"].append(_opt_points(rec.point_coords, f"{name}.point_coords"))
-            columns["crop_box"].append(_opt_box(rec.crop_box, f"{name}.crop_box"))
-            columns["model_version"].append(_opt_str(rec.model_version, f"{name}.model_version"))
-            columns["annotator"].append(_opt_str(rec.annotator, f"{name}.annotator"))
-            columns["lead_time_s"].append(
-                _opt_float(rec.lead_time_s, f"{name}.lead_time_s", minimum=0.0)
-            )
-            columns["clicks"].append(_opt_int(rec.clicks, f"{name}.clicks"))
+            for column, value in optional.items():
+                columns[column].append(value)
             columns["run_id"].append(run_id)
             columns["created_at"].append(_utc(rec.created_at))
         area, bbox = rle_codec._area_and_bbox_of_valid(segmentations)
