@@ -17,9 +17,10 @@ Format spec (the COCO one, as pycocotools writes it; this module never changes i
   ``(H, W, N)`` Fortran-ordered ``uint8`` and returns the same).
 - Masks in this project are boolean arrays ``(N, H, W)`` (C order); boxes are XYWH in pixels.
 
-Label Studio's brush RLE is a different format: a list of byte values (0-255) produced by
-``label_studio_sdk.converter.brush``: a bit stream run-length encoding the image **RGBA, row-major,
-4 bytes per pixel**. Masks are written with 255 in every channel; when reading, the alpha channel
+Label Studio's brush RLE is a different format: a list of byte values (0-255), a bit stream
+run-length encoding the image **RGBA, row-major, 4 bytes per pixel** (spec in :mod:`storage.brush`,
+whose numpy codec writes exactly the bytes ``label_studio_sdk.converter.brush`` writes, and reads
+what it reads). Masks are written with 255 in every channel; when reading, the alpha channel
 decides, with a pixel foreground when alpha >= 128 (the brush canvas can antialias edges).
 
 Everything that reads an RLE validates it first (:func:`validate`), because pycocotools' C
@@ -35,6 +36,7 @@ from typing import Any, TypedDict
 import numpy as np
 from pycocotools import mask as _coco_mask
 
+from storage import brush as _brush
 from storage.errors import MaskFormatError, RleError
 
 __all__ = [
@@ -321,11 +323,12 @@ def _undo_delta(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
 
 
 def to_brush(rle: Rle) -> list[int]:
-    """Convert a COCO RLE to Label Studio brush RLE (list of byte values, RGBA all 255)."""
-    from label_studio_sdk.converter import brush
+    """Convert a COCO RLE to Label Studio brush RLE (list of byte values, RGBA all 255).
 
-    mask = decode([validate(rle)])[0]
-    return [int(v) for v in brush.mask2rle(mask.astype(np.uint8) * 255)]
+    The bytes are those of the SDK's ``mask2rle(mask * 255)`` (:func:`storage.brush.encode_mask`;
+    :func:`storage.brush.sdk_encode_mask` is the SDK itself, the reference).
+    """
+    return _brush.encode_mask(decode([validate(rle)])[0])
 
 
 def from_brush(brush_rle: Sequence[int], height: int, width: int) -> Rle:
@@ -334,8 +337,6 @@ def from_brush(brush_rle: Sequence[int], height: int, width: int) -> Rle:
     Foreground is alpha >= 128. Raises :class:`RleError` when the brush data is corrupt or does
     not hold exactly ``height * width`` RGBA pixels.
     """
-    from label_studio_sdk.converter import brush
-
     if height < 0 or width < 0:
         raise RleError(f"from_brush: size {height}x{width}; expected non-negative height, width")
     if not isinstance(brush_rle, Sequence | np.ndarray) or len(brush_rle) < 7:
@@ -354,8 +355,8 @@ def from_brush(brush_rle: Sequence[int], height: int, width: int) -> Rle:
             f"(RGBA for {height}x{width} pixels)"
         )
     try:
-        flat = brush.decode_rle(data.tobytes())
-    except (ValueError, IndexError) as err:
+        flat = _brush.decode(data)
+    except RleError as err:
         raise RleError(f"from_brush: corrupt brush RLE ({err})") from None
     alpha = flat.reshape(height, width, 4)[:, :, 3]
     return encode((alpha >= _BRUSH_ALPHA_THRESHOLD)[None])[0]

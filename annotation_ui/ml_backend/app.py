@@ -43,6 +43,7 @@ from annotation_ui.labeling_config import LabelingSchema, parse_labeling_config
 from annotation_ui.ml_backend.metrics import Metrics
 from annotation_ui.ml_backend.models import ModelHolder, ModelSource, NoModelError
 from annotation_ui.ml_backend.predict import BatchOptions, batch_prediction, interactive_prediction
+from annotation_ui.ml_backend.responses import PredictionResponse
 from storage.errors import ConfigError, DataEngineError, InvalidInputError, NotFoundError
 from storage.mask_store import MaskStore
 
@@ -147,9 +148,6 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Import the brush encoder now: its first import costs about a second of a click.
-        import label_studio_sdk.converter.brush  # noqa: F401
-
         if options.preload:
             try:
                 holder.get()
@@ -209,13 +207,14 @@ def create_app(
         return {"model_version": version}
 
     @app.post("/predict")
-    def predict(body: PredictRequest) -> dict[str, Any]:
+    def predict(body: PredictRequest) -> Response:
         schema = state.schema(body.label_config, body.project)
         model = holder.get()
         context = (body.params or {}).get("context")
         if isinstance(context, dict) and context.get("result"):
             result = interactive_prediction(model, store, schema, body.tasks[0], context)
-            return {"results": [result], "model_version": model.version}
+            # A response, not a dict: FastAPI would walk every byte of the brush RLEs in Python.
+            return PredictionResponse({"results": [result], "model_version": model.version})
         results = []
         for task in body.tasks:
             try:
@@ -225,7 +224,7 @@ def create_app(
                 logger.warning("no pre-annotation for task %s: %s", task.get("id"), err)
                 state.metrics.observe("/predict:task", 0.0, error=True)
                 results.append({"result": [], "score": 0.0, "model_version": model.version})
-        return {"results": results, "model_version": model.version}
+        return PredictionResponse({"results": results, "model_version": model.version})
 
     @app.post("/webhook", status_code=201)
     def webhook(event: dict[str, Any], background: BackgroundTasks) -> dict[str, Any]:
