@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from storage.mask_store import MaskRecord, make_mask_id
+from storage.mask_store import MaskRecord
 
 if TYPE_CHECKING:
     from storage.mask_store import MaskStore
@@ -70,6 +70,7 @@ def generate_records(
         source: the records' source (``"model"`` for pre-labels).
     """
     from engine import EmbeddingCache
+    from engine.amg.batch import mask_records
     from engine.amg.generator import AutomaticMaskGenerator
 
     generator = AutomaticMaskGenerator(model, **settings.kwargs())
@@ -77,24 +78,16 @@ def generate_records(
     records: list[MaskRecord] = []
     for image_id in image_ids:
         image = np.array(store.load_image(image_id))
-        for mask in generator.generate(image, image_id=image_id, embeddings=cache):
-            segmentation = mask["segmentation"]
-            records.append(
-                MaskRecord(
-                    image_id=image_id,
-                    segmentation=segmentation,
-                    stage=stage,
-                    round=round,
-                    source=source,
-                    run_id=run_id,
-                    predicted_iou=float(mask["predicted_iou"]),
-                    stability_score=float(mask["stability_score"]),
-                    point_coords=[[float(x), float(y)] for x, y in mask["point_coords"]],
-                    crop_box=[float(v) for v in mask["crop_box"]],
-                    model_version=model_version,
-                    mask_id=make_mask_id(
-                        image_id, str(stage), str(round), run_id, source, segmentation["counts"]
-                    ),
-                )
+        masks = generator.generate(image, image_id=image_id, embeddings=cache)
+        records.extend(
+            mask_records(
+                image_id,
+                masks,
+                round=round,
+                run_id=run_id,
+                model_version=model_version,
+                stage=stage,
+                source=source,
             )
+        )
     return records

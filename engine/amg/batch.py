@@ -175,8 +175,11 @@ def mask_records(
     round: int,
     run_id: str,
     model_version: str,
+    stage: int = STAGE,
+    source: str = SOURCE,
 ) -> list[MaskRecord]:
-    """Stage-3 ``auto`` records of ``generate``'s output (COCO RLE), with their mask ids."""
+    """Records of ``generate``'s output (COCO RLE) with their mask ids (default: stage-3
+    ``auto``; stage 2's pre-labels pass their own stage and source)."""
     records = []
     for mask in masks:
         segmentation = mask["segmentation"]
@@ -184,9 +187,9 @@ def mask_records(
             MaskRecord(
                 image_id=image_id,
                 segmentation=segmentation,
-                stage=STAGE,
+                stage=stage,
                 round=round,
-                source=SOURCE,
+                source=source,
                 run_id=run_id,
                 predicted_iou=float(mask["predicted_iou"]),
                 stability_score=float(mask["stability_score"]),
@@ -195,7 +198,7 @@ def mask_records(
                 model_version=model_version,
                 # The id write_masks would derive; set here so SA-1B files can name it.
                 mask_id=make_mask_id(
-                    image_id, str(STAGE), str(round), run_id, SOURCE, segmentation["counts"]
+                    image_id, str(stage), str(round), run_id, source, segmentation["counts"]
                 ),
             )
         )
