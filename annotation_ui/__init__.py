@@ -5,6 +5,7 @@ Public API (imported lazily, so ``import annotation_ui`` costs nothing)::
     labeling_config(stage, classes) -> str          parse_labeling_config(xml) -> LabelingSchema
     LabelStudioSettings, MlBackendSettings, load_settings(cls, **values)
     LabelStudioClient(settings)                     ProjectKey(dataset, stage, round), Project
+    LabelStudioUnavailableError (Label Studio down or 5xx after retries; an AnnotationError)
     setup_project(client, key, images, ...) -> SetupReport          S3Access(endpoint, ...)
     reconcile_project(client, store, project_id) -> ReconcileReport (added/replaced/unchanged)
     annotation_ui.ml_backend: create_app(source, store, ...), build_app(settings), running(app)
@@ -16,7 +17,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from annotation_ui.client import LabelStudioClient, Project, ProjectKey
+    from annotation_ui.client import (
+        LabelStudioClient,
+        LabelStudioUnavailableError,
+        Project,
+        ProjectKey,
+    )
     from annotation_ui.labeling_config import LabelingSchema, labeling_config, parse_labeling_config
     from annotation_ui.reconcile import ItemProblem, ReconcileReport, reconcile_project
     from annotation_ui.settings import LabelStudioSettings, MlBackendSettings, load_settings
@@ -26,6 +32,7 @@ __all__ = [
     "ItemProblem",
     "LabelStudioClient",
     "LabelStudioSettings",
+    "LabelStudioUnavailableError",
     "LabelingSchema",
     "MlBackendSettings",
     "Project",
@@ -42,6 +49,7 @@ __all__ = [
 
 _HOMES = {
     "LabelStudioClient": "annotation_ui.client",
+    "LabelStudioUnavailableError": "annotation_ui.client",
     "Project": "annotation_ui.client",
     "ProjectKey": "annotation_ui.client",
     "LabelingSchema": "annotation_ui.labeling_config",

@@ -6,7 +6,9 @@ the HTTP status and Label Studio's own explanation, and never the token or a ses
 SDK's ``ApiError`` text includes response headers, so it is never shown as is).
 
 Retries: the SDK retries 5xx, 408, 409, 429 and dropped connections ``max_retries`` times with
-exponential back-off; what still fails is an error here.
+exponential back-off; what still fails is an error here, a :class:`LabelStudioUnavailableError`
+(an :class:`AnnotationError`) when Label Studio did not answer or answered 5xx, 408 or 429, so a
+caller that can wait (a round waiting for people) tells an outage from a refusal.
 
 Projects are keyed by (dataset, stage, round): :meth:`LabelStudioClient.ensure_project` finds the
 project by its title and the machine-readable marker line in its description, or creates it, so
@@ -28,7 +30,7 @@ from annotation_ui.labeling_config import LabelingSchema, labeling_config, parse
 from annotation_ui.settings import LabelStudioSettings
 from storage.errors import AnnotationError, ConfigError
 
-__all__ = ["LabelStudioClient", "Project", "ProjectKey"]
+__all__ = ["LabelStudioClient", "LabelStudioUnavailableError", "Project", "ProjectKey"]
 
 T = TypeVar("T")
 _MARKER = "sam-data-engine:"
@@ -36,6 +38,14 @@ _ML_TITLE = "sam-data-engine"
 _IMPORT_BATCH = 500
 # Label Studio's own limit (PROJECT_TITLE_MAX_LEN).
 _TITLE_MAX = 50
+
+
+# Answers that say "not now" rather than "no": worth asking again later.
+_UNAVAILABLE = frozenset({408, 429})
+
+
+class LabelStudioUnavailableError(AnnotationError):
+    """Label Studio did not answer, or answered 5xx, 408 or 429, after the retries."""
 
 
 @dataclass(frozen=True)
@@ -470,13 +480,15 @@ class LabelStudioClient:
         )
 
     def user_name(self, user_id: int) -> str:
-        """The e-mail of a Label Studio user (cached); ``user:<id>`` if it cannot be read."""
+        """The e-mail of a Label Studio user (cached); ``user:<id>`` for a deleted user.
+
+        Any other failure raises :class:`AnnotationError`: a placeholder taken during an outage
+        would be stored as the annotator for good.
+        """
         if user_id not in self._users:
-            try:
-                user = _plain(self._call(f"read user {user_id}", self._sdk.users.get, user_id))
-                self._users[user_id] = str(user.get("email") or f"user:{user_id}")
-            except AnnotationError:
-                self._users[user_id] = f"user:{user_id}"
+            user = self._call(f"read user {user_id}", self._sdk.users.get, user_id, missing_ok=True)
+            email = _plain(user).get("email") if user is not None else None
+            self._users[user_id] = str(email or f"user:{user_id}")
         return self._users[user_id]
 
     # -------------------------------------------------------------------------------- private
@@ -498,9 +510,15 @@ class LabelStudioClient:
         except ApiError as err:
             if missing_ok and err.status_code == 404:
                 return None
-            raise AnnotationError(_api_message(what, self.url, err)) from None
+            status = err.status_code or 0
+            error = (
+                LabelStudioUnavailableError
+                if status >= 500 or status in _UNAVAILABLE
+                else AnnotationError
+            )
+            raise error(_api_message(what, self.url, err)) from None
         except httpx.HTTPError as err:
-            raise AnnotationError(
+            raise LabelStudioUnavailableError(
                 f"Label Studio at {self.url} did not answer ({type(err).__name__}) "
                 f"when trying to {what}"
             ) from None

@@ -8,20 +8,23 @@ is deterministic::
     \\________________ lineage ________________/
 
 The *lineage* names the region (which annotation, which Label Studio region id); the content hash
-covers the mask and its label. Reconciling compares the lineages Label Studio has now with those
-the store holds for the project:
+covers everything the record takes from the annotation: the mask, its label, the annotator, its
+share of the lead time, its prompts and the prediction it came from. Reconciling compares the
+lineages Label Studio has now with those the store holds for the project:
 
 - same lineage, same id: **unchanged** (nothing written, so running twice changes nothing);
-- same lineage, new id (the region was redrawn): the new mask is written and **replaces** the old
-  one (``write_masks(replaces=...)``), which stays in history but is hidden from then on;
+- same lineage, new id (the region was redrawn or relabelled, or an edit of its annotation changed
+  its lead-time share or prompts): the new record is written and **replaces** the old one
+  (``write_masks(replaces=...)``), which stays in history but is hidden from then on;
 - a new lineage: **added**; a lineage gone from Label Studio (region erased, annotation deleted or
   cancelled): **removed** (hidden, nothing written in its place).
 
 All changes go into one commit, so a reader sees the pull entirely or not at all. An annotation
 that cannot be used (no result, unknown control, coordinates outside 0-100 %, brush RLE of the
 wrong size, a task without a registered image) is reported with its task id and left as the
-store has it; the others are still stored. A Label Studio that fails mid-read (after the SDK's
-retries) raises :class:`~storage.errors.AnnotationError` before anything is written.
+store has it; the others are still stored. A Label Studio that fails mid-read or while naming
+annotators (after the SDK's retries) raises :class:`~storage.errors.AnnotationError` before
+anything is written; running it again later stores everything once.
 
 Per-mask numbers: Label Studio times an annotation, not a mask, so each mask gets an equal share of
 the annotation's ``lead_time`` (the shares add up to the annotator's time). Each click or box of
@@ -36,7 +39,9 @@ is ``manual``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +133,9 @@ def reconcile_project(
         predicted = _predicted_masks(task, project, image, problems)
         for annotation in annotations:
             annotation_id = _int(annotation.get("id"))
+            # Outside the try: Label Studio failing to name the annotator is no fault of the
+            # annotation, and stops the reconcile before anything is written.
+            annotator = _annotator(client, annotation)
             try:
                 masks = annotation_masks(
                     task,
@@ -135,7 +143,7 @@ def reconcile_project(
                     project=project,
                     image=image,
                     predicted=predicted,
-                    annotator=_annotator(client, annotation),
+                    annotator=annotator,
                     hidden=hidden,
                 )
             except AnnotationError as err:
@@ -181,15 +189,11 @@ def annotation_masks(
     out: dict[str, MaskRecord] = {}
     for region, prompts in zip(parsed.regions, credited, strict=True):
         lineage = f"{mask_id_prefix(project)}a{annotation_id}-{_short(region.region_id, 8)}"
-        mask_id = f"{lineage}-{_short(region.segmentation['counts'] + '|' + str(region.label))}"
-        if mask_id in hidden:
-            salt = f"{region.segmentation['counts']}|{annotation.get('updated_at')}"
-            mask_id = f"{lineage}-{_short(salt)}"
         if lineage in out:
             raise AnnotationError(f"{where}: region id {region.region_id!r} appears twice")
         accepted = predicted.get(region.segmentation["counts"])
         positives = [list(p.xy) for p in prompts if p.positive and p.kind == "point"]
-        out[lineage] = MaskRecord(
+        record = MaskRecord(
             image_id=image.image_id,
             segmentation=region.segmentation,
             stage=project.key.stage,
@@ -202,9 +206,31 @@ def annotation_masks(
             annotator=annotator,
             lead_time_s=share,
             clicks=len(prompts),
-            mask_id=mask_id,
         )
+        content = _content(record, region.label)
+        mask_id = f"{lineage}-{_short(content)}"
+        if mask_id in hidden:
+            mask_id = f"{lineage}-{_short(content + '|' + str(annotation.get('updated_at')))}"
+        out[lineage] = dataclasses.replace(record, mask_id=mask_id)
     return out
+
+
+def _content(record: MaskRecord, label: str | None) -> str:
+    """What a region's mask id hashes besides its lineage: all the record takes from Label
+    Studio, so that any edit of it gives a new id (and the old row is replaced)."""
+    return json.dumps(
+        [
+            record.segmentation["counts"],
+            label,
+            record.source,
+            record.predicted_iou,
+            record.model_version,
+            record.annotator,
+            record.lead_time_s,
+            record.clicks,
+            record.point_coords,
+        ]
+    )
 
 
 def _commit(

@@ -14,7 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from storage.errors import ConfigError
@@ -90,8 +97,9 @@ class MlBackendSettings(BaseSettings):
         model: a registered model version to pin, or ``latest`` to follow the registry's
             promoted version (checked every ``model_check_interval_s`` seconds).
         host, port: where to listen.
-        basic_auth_user, basic_auth_pass: when both are set, every route but ``/health``
-            requires these HTTP basic-auth credentials.
+        basic_auth_user, basic_auth_pass: when set, every route but ``/health`` requires these
+            HTTP basic-auth credentials. Both or neither: one alone is a :class:`ConfigError`
+            (it would otherwise leave the backend open while looking protected).
         embedding_cache_items: image embeddings kept in memory (each is 256x64x64 float32,
             4 MiB, for the ViT variants).
         model_check_interval_s: seconds between registry checks for a newly promoted model.
@@ -120,6 +128,20 @@ class MlBackendSettings(BaseSettings):
     model_check_interval_s: float = Field(default=30.0, ge=0)
     retrain_every: int | None = Field(default=None, ge=1)
     retrain_url: str | None = None
+
+    @model_validator(mode="after")
+    def _both_or_no_credentials(self) -> MlBackendSettings:
+        has_user = bool(self.basic_auth_user)
+        has_pass = self.basic_auth_pass is not None and bool(
+            self.basic_auth_pass.get_secret_value()
+        )
+        if has_user != has_pass:
+            given, missing = ("user", "password") if has_user else ("password", "user")
+            raise ValueError(
+                f"basic auth {given} is set but its {missing} is not: set both "
+                "BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither"
+            )
+        return self
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:

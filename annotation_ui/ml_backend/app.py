@@ -17,8 +17,8 @@ Routes (request and response shapes as Label Studio's ``ml/api_connector.py`` se
 - ``GET /metrics``: requests, latencies, embedding cache, model swaps, webhook events.
 
 With ``basic_auth`` set, every route but ``/health`` answers 401 without those credentials.
-Errors come back as ``{"error": message}`` with 400 (bad prompts or tasks), 404 (image not
-registered) or 503 (no model yet).
+Errors come back as ``{"error": message}`` with 400 (bad prompts, tasks or request bodies), 404
+(image not registered) or 503 (no model yet); a message names fields, never echoes their values.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import BackgroundTasks, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -189,6 +190,15 @@ def create_app(
         elif not isinstance(err, InvalidInputError):
             status = 500
         return JSONResponse({"error": str(err)}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 answer echoes the offending input, which can be a whole body
+        # holding Label Studio's access token.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in err.errors()
+        )
+        return JSONResponse({"error": f"bad request: {problems}"}, status_code=400)
 
     @app.get("/health")
     def health() -> dict[str, Any]:

@@ -58,11 +58,20 @@ def label_studio_client(config: EngineConfig) -> LabelStudioClient:
 
 
 def label_studio_annotator(config: EngineConfig, store: MaskStore) -> LabelStudioAnnotator:
-    """People in the Label Studio of ``config.label_studio``."""
+    """People in the Label Studio of ``config.label_studio``.
+
+    The ML backend's basic-auth credentials come from ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``,
+    the variables the backend itself reads (as for ``data-engine ls setup``): they never travel
+    as flow parameters.
+    """
+    from annotation_ui.settings import MlBackendSettings, load_settings
     from annotation_ui.tasks import S3Access
     from flows.annotators.label_studio import LabelStudioAnnotator
 
     ls = config.label_studio
+    backend_auth = None
+    if ls.ml_backend_url:
+        backend_auth = load_settings(MlBackendSettings, root=config.root).basic_auth
     client = label_studio_client(config)
     return LabelStudioAnnotator(
         store,
@@ -71,6 +80,7 @@ def label_studio_annotator(config: EngineConfig, store: MaskStore) -> LabelStudi
         document_root=client.settings.document_root,
         s3=S3Access(endpoint_url=config.endpoint_url) if config.endpoint_url else None,
         ml_backend_url=ls.ml_backend_url,
+        ml_backend_auth=backend_auth,
         poll_interval_s=ls.poll_interval_s,
         timeout_s=ls.timeout_s,
     )

@@ -5,7 +5,8 @@ same project): the round's images become tasks (stage 2: with the model's masks 
 to correct), then the annotator waits, polling every ``poll_interval_s`` seconds, until every task
 of the round has a submitted annotation, and reconciles them into the store with
 :func:`annotation_ui.reconcile.reconcile_project` (which commits, so an annotation edited later
-replaces its older version). After ``timeout_s`` it stops with an
+replaces its older version). A Label Studio that is down or restarting while the round waits is
+asked again at the next poll (people's work is safe in it); after ``timeout_s`` it stops with an
 :class:`~storage.errors.AnnotationError`; running the round again resumes: the project, its tasks
 and the annotations already made are reused, nothing is imported twice.
 
@@ -63,6 +64,7 @@ class LabelStudioAnnotator(Annotator):
         document_root: Label Studio's ``LOCAL_FILES_DOCUMENT_ROOT`` for local images.
         s3: how Label Studio reaches S3 images (endpoint, credentials), if they are on S3.
         ml_backend_url: the ML backend to attach to each project (interactive clicks).
+        ml_backend_auth: the ML backend's basic-auth ``(user, password)``, if it has them.
         poll_interval_s: seconds between checks of the round's progress.
         timeout_s: seconds to wait for a round before failing (a rerun resumes).
         clock, sleep: time sources (tests pass faster ones).
@@ -79,6 +81,7 @@ class LabelStudioAnnotator(Annotator):
         document_root: Path | None = None,
         s3: S3Access | None = None,
         ml_backend_url: str | None = None,
+        ml_backend_auth: tuple[str, str] | None = None,
         poll_interval_s: float = 10.0,
         timeout_s: float = 7 * 24 * 3600.0,
         clock: Callable[[], float] = time.monotonic,
@@ -90,6 +93,7 @@ class LabelStudioAnnotator(Annotator):
         self.document_root = document_root
         self.s3 = s3
         self.ml_backend_url = ml_backend_url
+        self._ml_backend_auth = ml_backend_auth
         self.poll_interval_s = float(poll_interval_s)
         self.timeout_s = float(timeout_s)
         self._clock = clock
@@ -132,6 +136,7 @@ class LabelStudioAnnotator(Annotator):
             document_root=self.document_root,
             s3=self.s3,
             ml_backend_url=self.ml_backend_url,
+            ml_backend_auth=self._ml_backend_auth,
             predictions={k: list(v) for k, v in (predictions or {}).items() if v} or None,
             model_version=model_version,
         )
@@ -168,23 +173,39 @@ class LabelStudioAnnotator(Annotator):
         return RoundProgress(project_id, len(finished), len(wanted))
 
     def wait_until_finished(self, project_id: int, image_ids: Sequence[str]) -> RoundProgress:
-        """Poll until every task of the round is annotated; :class:`AnnotationError` on timeout."""
+        """Poll until every task of the round is annotated; :class:`AnnotationError` on timeout.
+
+        A poll that finds Label Studio down or answering 5xx is logged and tried again at the
+        next interval; any other refusal (token, permissions, a deleted project) stops at once.
+        """
+        from annotation_ui.client import LabelStudioUnavailableError
+
         deadline = self._clock() + self.timeout_s
         while True:
-            state = self.progress(project_id, image_ids)
-            if state.done:
+            try:
+                state: RoundProgress | None = self.progress(project_id, image_ids)
+            except LabelStudioUnavailableError as err:
+                state, outage = None, err
+            if state is not None and state.done:
                 return state
             if self._clock() >= deadline:
+                done = f"{state.finished} of {state.total}" if state else "an unknown number of"
                 raise AnnotationError(
-                    f"Label Studio at {self.client.url}: project {project_id} has "
-                    f"{state.finished} of {state.total} tasks annotated after "
-                    f"{self.timeout_s:.0f} s; run the round again to keep waiting (the project "
-                    "and the annotations made so far are kept)"
+                    f"Label Studio at {self.client.url}: project {project_id} has {done} tasks "
+                    f"annotated after {self.timeout_s:.0f} s; run the round again to keep "
+                    "waiting (the project and the annotations made so far are kept)"
                 )
-            _log.info(
-                "waiting for Label Studio project %s: %d/%d tasks annotated",
-                project_id,
-                state.finished,
-                state.total,
-            )
+            if state is None:
+                _log.warning(
+                    "Label Studio project %s: progress unknown, will ask again: %s",
+                    project_id,
+                    outage,
+                )
+            else:
+                _log.info(
+                    "waiting for Label Studio project %s: %d/%d tasks annotated",
+                    project_id,
+                    state.finished,
+                    state.total,
+                )
             self._sleep(min(self.poll_interval_s, max(0.0, deadline - self._clock())))

@@ -54,7 +54,9 @@ def test_bad_values_are_reported_without_echoing_secrets(monkeypatch: pytest.Mon
 def test_basic_auth_needs_both_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BASIC_AUTH_PASS", raising=False)
     monkeypatch.setenv("BASIC_AUTH_USER", "annotators")
-    assert load_settings(MlBackendSettings, root="/data").basic_auth is None
+    # One name alone must not leave the backend open while it looks protected.
+    with pytest.raises(ConfigError, match="BASIC_AUTH_PASS"):
+        load_settings(MlBackendSettings, root="/data")
     monkeypatch.setenv("BASIC_AUTH_PASS", SECRET)
     settings = load_settings(MlBackendSettings, root="/data")
     assert settings.basic_auth == ("annotators", SECRET)
