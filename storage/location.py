@@ -274,7 +274,7 @@ class StorageLocation:
 
     def _put_s3_if_absent(self, key: str, data: bytes) -> None:
         # pyarrow cannot send If-None-Match, so the conditional PUT goes through boto3.
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         client = _s3_client(self.endpoint_url, self.region)
         try:
@@ -287,8 +287,23 @@ class StorageLocation:
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                # boto3 retries a PUT whose response was lost; if the first attempt landed,
+                # the retry meets our own object. That is success, not another writer's.
+                if self._holds(key, data):
+                    return
                 raise CommitConflictError(f"{self.uri(key)} already exists") from None
             raise StorageError(f"could not write {self.uri(key)}: {code or err}") from None
+        except BotoCoreError as err:  # connection dropped or refused, after boto3's retries
+            raise StorageError(
+                f"could not write {self.uri(key)} (it may or may not have been created): {err}"
+            ) from None
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        """Whether ``key`` exists with exactly ``data`` as its content."""
+        try:
+            return self.get_bytes(key) == data
+        except NotFoundError:
+            return False
 
 
 def read_uri(uri: str, *, endpoint_url: str | None = None) -> bytes:
