@@ -10,6 +10,7 @@ File layout (every section and key optional except ``root``; see ``examples/conf
     [annotator]   kind = "simulated" | "label_studio", the simulated person's time model
     [stage1] [stage2] [stage3]   rounds, images_per_round, training budget, thresholds
     [evaluation]  holdout clicks
+    [lease]       ttl_s, wait_s: one run of a run name at a time (a second one waits or stops)
 
 Environment overrides: ``DATA_ENGINE_<SECTION>__<KEY>=value`` (``DATA_ENGINE_ROOT`` for top-level
 keys), e.g. ``DATA_ENGINE_STAGE1__ROUNDS=2``. ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY``
@@ -37,6 +38,7 @@ __all__ = [
     "EngineConfig",
     "EvaluationConfig",
     "LabelStudioConfig",
+    "LeaseConfig",
     "ModelConfig",
     "SourceConfig",
     "Stage1Config",
@@ -250,6 +252,20 @@ class EvaluationConfig(_Section):
     noc_tolerance: float = Field(default=0.25, ge=0)
 
 
+class LeaseConfig(_Section):
+    """The run lease: a run holds ``leases/run-<run_name>`` in the store while it works.
+
+    Another run of the same name (a scheduled run firing while this one still works, or a stage
+    run on its own) waits up to ``wait_s`` for it, then stops with
+    :class:`~storage.errors.LeaseHeldError` having done nothing. A lease not renewed within
+    ``ttl_s`` (its run died or hung) is free; so is one whose process is gone on this machine.
+    """
+
+    ttl_s: float = Field(default=120.0, ge=5, description="seconds a lease outlives its heartbeat")
+    wait_s: float = Field(default=0.0, ge=0, description="seconds to wait for a held lease")
+    poll_s: float = Field(default=2.0, gt=0, description="seconds between looks while waiting")
+
+
 class EngineConfig(_Section):
     """Everything a data-engine run needs, validated at once."""
 
@@ -267,6 +283,7 @@ class EngineConfig(_Section):
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     stage3: Stage3Config = Field(default_factory=Stage3Config)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
 
     @model_validator(mode="after")
     def _ground_truth_for_simulation(self) -> EngineConfig:

@@ -7,6 +7,11 @@ parameter without the Label Studio token: a flow run reads it from ``LABEL_STUDI
 ``LABEL_STUDIO_API_KEY_FILE``) in the worker's environment, so the secret never reaches
 Prefect's database or UI.
 
+The scheduled ``data-engine`` deployment runs one at a time: a run that comes due while the
+previous one still works is cancelled by Prefect (``CANCEL_NEW``), and whatever starts a second
+run some other way (a stage deployment, the CLI) meets the run lease in the store
+(:mod:`flows.leases`).
+
 ``register_deployments`` needs a Prefect server (``PREFECT_API_URL``); the served process
 (``serve_deployments``, what ``data-engine serve`` runs) executes their runs.
 """
@@ -44,6 +49,8 @@ def build_deployments(
     config: EngineConfig, *, name: str = DEFAULT_NAME, cron: str | None = None
 ) -> list[RunnerDeployment]:
     """The engine's deployments (not yet registered); ``cron`` schedules the whole engine."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
     from flows.engine import data_engine
     from flows.stages import stage1_assisted_manual, stage2_semi_automatic, stage3_fully_automatic
 
@@ -56,6 +63,9 @@ def build_deployments(
             parameters=parameters,
             tags=tags,
             description="SAM's data engine: stages 1 -> 2 -> 3, retraining after every round.",
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+            ),
         )
     ]
     for stage_flow in (stage1_assisted_manual, stage2_semi_automatic, stage3_fully_automatic):

@@ -10,25 +10,32 @@ Every stage runs rounds of the same loop (the paper's: 6 retrains in stage 1, 5 
     retrain              from the current version on every pool mask so far, scored on the holdout
     promote              if not worse than its parent; the next round uses the promoted version
 
-A stage flow run on its own (``data-engine stage N``, no ``start_version``) registers the image
-source first and starts from the newest promoted version, or makes the base version when the
-registry is empty.
+A stage flow run on its own (``data-engine stage N``, no ``start_version``) takes the run's lease
+(:mod:`flows.leases`), registers the image source first and starts from the newest promoted
+version, or makes the base version when the registry is empty.
+
+A round this run name finished before (its manifest is in the store) is not run again: its
+report comes back from the manifest with ``reused`` set, so a rerun, or a run that waited for
+another run of the same name, commits nothing twice and trains no second version.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
-from prefect import flow
-from pydantic import BaseModel
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ValidationError
 
 from flows.config import EngineConfig
+from flows.leases import check_run_lease, run_lease
 from flows.tasks import (
     annotate_round,
     base_model,
     check_label_studio,
     commit_masks,
     current_version,
+    finished_round,
     generate_auto_masks,
     prelabel_masks,
     prepare_dataset,
@@ -50,7 +57,8 @@ __all__ = [
 
 class RoundReport(BaseModel):
     """What one round did: its images, masks (all of them, and those new in the store), the
-    version that helped, the version trained after it and whether that one was promoted."""
+    version that helped, the version trained after it and whether that one was promoted.
+    ``reused``: the round was finished by an earlier run of this run name and not run again."""
 
     stage: int
     round: int
@@ -62,15 +70,18 @@ class RoundReport(BaseModel):
     promoted: bool
     metrics: dict[str, Any] | None
     next_version: str
+    reused: bool = False
 
 
 class StageReport(BaseModel):
-    """What one stage did: its rounds, and the version it started from and ended with."""
+    """What one stage did: its rounds, and the version it started from and ended with.
+    ``lease_wait_s``: seconds a stage run on its own waited for another run of its name."""
 
     stage: int
     start_version: str
     final_version: str
     rounds: list[RoundReport]
+    lease_wait_s: float = 0.0
 
     @property
     def masks(self) -> int:
@@ -96,24 +107,49 @@ def stage3_fully_automatic(config: EngineConfig, start_version: str | None = Non
 
 
 def _run_stage(config: EngineConfig, stage: int, start_version: str | None) -> StageReport:
-    dataset = prepare_dataset(config)
-    if start_version is None:  # run on its own: the parent flow has not set anything up
-        if stage in (1, 2) and config.annotator.kind == "label_studio":
-            check_label_studio(config)
-        register_source(config, dataset)
-    version = start_version or current_version(config) or base_model(config, dataset)
-    start = version
-    rounds: list[RoundReport] = []
-    for r in range(config.stage(stage).rounds):
-        report = _run_round(config, dataset, stage, r, version)
-        rounds.append(report)
-        version = report.next_version
-    return StageReport(stage=stage, start_version=start, final_version=version, rounds=rounds)
+    # Run on its own, the stage takes the run's lease; inside the parent flow, the parent has.
+    with run_lease(config) if start_version is None else nullcontext() as lease:
+        dataset = prepare_dataset(config)
+        if start_version is None:  # run on its own: the parent flow has not set anything up
+            if stage in (1, 2) and config.annotator.kind == "label_studio":
+                check_label_studio(config)
+            register_source(config, dataset)
+        version = start_version or current_version(config) or base_model(config, dataset)
+        start = version
+        rounds: list[RoundReport] = []
+        for r in range(config.stage(stage).rounds):
+            report = _run_round(config, dataset, stage, r, version)
+            rounds.append(report)
+            version = report.next_version
+    return StageReport(
+        stage=stage,
+        start_version=start,
+        final_version=version,
+        rounds=rounds,
+        lease_wait_s=lease.waited_s if lease is not None else 0.0,
+    )
+
+
+def _finished_report(config: EngineConfig, stage: int, round: int) -> RoundReport | None:
+    manifest = finished_round(config, stage, round)
+    if manifest is None:
+        return None
+    try:
+        return RoundReport.model_validate({**manifest, "reused": True})
+    except ValidationError as err:
+        get_run_logger().warning(
+            "stage %d round %d: manifest unreadable (%s); running the round", stage, round, err
+        )
+        return None
 
 
 def _run_round(
     config: EngineConfig, dataset: str, stage: int, round: int, version: str
 ) -> RoundReport:
+    check_run_lease()
+    finished = _finished_report(config, stage, round)
+    if finished is not None:
+        return finished
     image_ids = round_image_ids(config, stage, round)
     if stage == 3:
         written = generate_auto_masks(config, dataset, version, image_ids, round)
@@ -122,6 +158,7 @@ def _run_round(
             prelabel_masks(config, dataset, version, image_ids, round) if stage == 2 else None
         )
         masks = annotate_round(config, dataset, version, image_ids, stage, round, predictions)
+        check_run_lease()  # a run that hung and lost its lease must not commit the round
         written = commit_masks(config, masks, stage, round)
     trained = retrain_model(config, dataset, version, stage, round)
     promoted = promote_model(config, trained["version"])

@@ -81,7 +81,8 @@ class LeaseOwner:
         when it expires.
         """
         here = LeaseOwner.this_process()
-        if self.host != here.host or self.pid_ns is None or self.pid_ns != here.pid_ns:
+        # Without /proc (not Linux) both namespaces are None: one host, one process table.
+        if self.host != here.host or self.pid_ns != here.pid_ns:
             return False
         if self.pid == here.pid:
             return False  # this very process: alive

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import struct
 import tracemalloc
 import zlib
@@ -230,3 +231,29 @@ def test_a_stage_run_registers_the_good_images_and_reports_the_quarantined(
         "truncated or corrupt": 1,
         "unknown format": 1,
     }
+
+
+def test_the_import_command_quarantines_and_names_each_file(tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    for name, data in {**GOOD, **BAD}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    root = str(tmp_path / "store")
+    runner = CliRunner()
+    args = ["import", "--root", root, "--images", str(folder), "--quarantine"]
+
+    first = runner.invoke(build_app(), args)
+    second = runner.invoke(build_app(), args)
+
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    # (tqdm's progress bar shares the first line)
+    found = re.findall(r"quarantined '([^']+)': ([a-z ]+)", first.output)
+    named = {key.rsplit("/incoming/", 1)[1]: reason for key, reason in found}
+    assert named == EXPECTED_REASONS
+    assert "images: 9 found, 4 new (pool)" in first.output and "quarantined: 5" in first.output
+    assert "images: 9 found, 0 new (pool)" in second.output
+    assert len(quarantined(MaskStore(root))) == 5
+    strict = runner.invoke(
+        build_app(), ["import", "--root", str(tmp_path / "s"), "--images", str(folder)]
+    )
+    assert strict.exit_code != 0 and isinstance(strict.exception, ImageError)
