@@ -200,8 +200,11 @@ def create_app(
         )
         return JSONResponse({"error": f"bad request: {problems}"}, status_code=400)
 
+    # /health and /metrics only read counters: served on the event loop, they answer at once
+    # even when every worker thread is busy with clicks (Label Studio drops a backend whose
+    # health check times out).
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         return {"status": "UP", "model_class": "SamDataEngine", "model_version": holder.version}
 
     @app.post("/setup")
@@ -267,7 +270,7 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/metrics")
-    def metrics() -> dict[str, Any]:
+    async def metrics() -> dict[str, Any]:
         snapshot = state.metrics.snapshot()
         loaded = holder._loaded
         snapshot["model_version"] = holder.version
