@@ -105,7 +105,13 @@ def base_version(
     existing = find_version(registry, tags)
     if existing is not None:
         return existing
-    model = build_sam(variant, checkpoint=checkpoint)
+    import torch
+
+    # Random initial weights from the run's seed: the same config builds the same base model
+    # (forked, so the caller's global generator is left as it was).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tags.seed(seed))
+        model = build_sam(variant, checkpoint=checkpoint)
     steps, wall_time_s, trained_on = 0, 0.0, {"source": "checkpoint", "uri": checkpoint}
     if checkpoint is None:
         data = SyntheticTrainingData(img_size=model.img_size)

@@ -277,7 +277,13 @@ def _commit(
     # Images registered before (in either split) stay as they are.
     new_images = [image for image, _ in pending if not _registered(store, image.image_id)]
     summary.images_registered += store.add_images(new_images)
-    records = [r for _, recs in pending for r in recs]
+    # Two prompts can give the very same mask (same pixels, so the same id); NMS keeps both
+    # when their boxes are degenerate. Store it once and do not count the copy as stored before.
+    unique: dict[str | None, MaskRecord] = {}
+    for _, recs in pending:
+        for r in recs:
+            unique.setdefault(r.mask_id, r)
+    records = list(unique.values())
     if records:
         info = store.write_masks(records, stage=STAGE, round=round, run_id=run_id)
         summary.masks_written += info.counts["masks"]
