@@ -92,6 +92,11 @@ class SourceConfig(_Section):
         default=256, ge=32, le=2048, description="synthetic: image side, pixels"
     )
     seed: int = Field(default=0, description="synthetic: dataset seed (pool, holdout, pretraining)")
+    scene: dict[str, int] = Field(
+        default_factory=dict,
+        description="synthetic: engine.synthetic.generate_scene settings, e.g. max_objects, "
+        "min_area (pixels)",
+    )
 
     @property
     def synthetic(self) -> bool:

@@ -26,7 +26,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -181,9 +181,12 @@ def _register_synthetic(
     store: MaskStore, source: SourceConfig, *, pool_images: int
 ) -> SourceSummary:
     size = (source.image_size, source.image_size)
-    pool, pool_truth = _write_scenes(store, "pool", _POOL_STREAM, pool_images, size, source.seed)
+    scene = source.scene
+    pool, pool_truth = _write_scenes(
+        store, "pool", _POOL_STREAM, pool_images, size, source.seed, scene
+    )
     holdout, holdout_truth = _write_scenes(
-        store, "holdout", _HOLDOUT_STREAM, source.holdout_images, size, source.seed
+        store, "holdout", _HOLDOUT_STREAM, source.holdout_images, size, source.seed, scene
     )
     store.add_images([*pool, *holdout])
     pool_truth.save(store, pool, GROUND_TRUTH_KEY)
@@ -192,14 +195,20 @@ def _register_synthetic(
 
 
 def _write_scenes(
-    store: MaskStore, split: str, stream: int, n: int, size: tuple[int, int], seed: int
+    store: MaskStore,
+    split: str,
+    stream: int,
+    n: int,
+    size: tuple[int, int],
+    seed: int,
+    scene_kwargs: dict[str, Any],
 ) -> tuple[list[ImageRecord], GroundTruth]:
     from engine.synthetic import generate_scene
 
     records: list[ImageRecord] = []
     truth: dict[str, list[rle_codec.Rle]] = {}
     for i in range(n):
-        scene = generate_scene(np.random.default_rng([seed, stream, i]), size)
+        scene = generate_scene(np.random.default_rng([seed, stream, i]), size, **scene_kwargs)
         ok, png = cv2.imencode(".png", cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
         if not ok:
             raise ImageError(f"could not encode synthetic scene {split}/{i} as PNG")

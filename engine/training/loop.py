@@ -71,8 +71,12 @@ class TrainConfig:
         grad_clip: max global gradient norm (0: no clipping).
         freeze_image_encoder: train only the prompt encoder and mask decoder.
         focal_alpha: foreground weight of the focal loss (RetinaNet's 0.25; negative: none).
-        focal_warmup_steps: ramp the focal weight linearly from 0 to SAM's 20 over these steps
-            (0: none). From random weights, the focal term alone drives every logit negative
+        focal_weight: weight of the focal term against dice (SAM: 20). From random weights on
+            small objects, 20 makes the single-mask output predict nothing (an empty mask is the
+            cheapest answer while the model cannot yet tell where the object is); a dice-led
+            loss trains faster (the test fixture uses 0: dice only).
+        focal_warmup_steps: ramp the focal weight linearly from 0 to ``focal_weight`` over these
+            steps (0: none). From random weights, the focal term alone drives every logit negative
             (small objects are a tiny share of the pixels) before the decoder has learnt where
             a prompt points; dice first keeps the masks alive through that phase.
         seed: seeds data, prompts and nothing else (the model is built by the caller).
@@ -95,6 +99,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     freeze_image_encoder: bool = False
     focal_alpha: float = 0.25
+    focal_weight: float = FOCAL_WEIGHT
     focal_warmup_steps: int = 0
     seed: int = 0
     checkpoint_every: int = 0
@@ -308,10 +313,11 @@ def lr_at(step: int, fraction: float, config: TrainConfig) -> float:
 
 
 def focal_weight_at(step: int, config: TrainConfig) -> float:
-    """Weight of the focal term at ``step``: SAM's 20, ramped up over ``focal_warmup_steps``."""
+    """Weight of the focal term at ``step``: ``focal_weight``, ramped up over
+    ``focal_warmup_steps``."""
     if config.focal_warmup_steps <= 0:
-        return FOCAL_WEIGHT
-    return FOCAL_WEIGHT * min(1.0, step / config.focal_warmup_steps)
+        return config.focal_weight
+    return config.focal_weight * min(1.0, step / config.focal_warmup_steps)
 
 
 def param_groups(model: Sam, weight_decay: float) -> list[dict[str, Any]]:

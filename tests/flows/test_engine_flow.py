@@ -66,11 +66,15 @@ def _tail(log: Path) -> str:
 
 
 def test_killed_in_stage2_then_resumed_keeps_every_mask_once(
-    prefect_harness: None, tmp_path: Path
+    prefect_harness: None, tmp_path: Path, trained_tiny_checkpoint: str
 ) -> None:
     root = tmp_path / "root"
     config_file = tmp_path / "engine.json"
-    config_file.write_text(json.dumps(tiny_engine_data(root, stage1={"rounds": 1})))
+    # A model that segments, so stage 3 has real masks to store (and to store only once).
+    data = tiny_engine_data(
+        root, stage1={"rounds": 1}, model={"checkpoint": trained_tiny_checkpoint}
+    )
+    config_file.write_text(json.dumps(data))
     prefect_home = tmp_path / "prefect-home"
     log = tmp_path / "engine.log"
 
