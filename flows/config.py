@@ -144,6 +144,12 @@ class TrainingBudget(_Section):
     # a few minutes of training do some good (the test fixture and bench_train use 3 as well).
     num_rounds: int = Field(default=3, ge=1, description="interactive rounds per mask (SAM: 11)")
     no_point_rounds: int = Field(default=1, ge=0)
+    focal_weight: float = Field(
+        default=20.0,
+        ge=0,
+        description="focal term's weight against dice (SAM: 20; from random weights 0 trains "
+        "the single-mask output, which 20 leaves empty)",
+    )
 
     @model_validator(mode="after")
     def _some_budget(self) -> TrainingBudget:
@@ -155,7 +161,7 @@ class TrainingBudget(_Section):
 
 
 def _pretrain_budget() -> TrainingBudget:
-    return TrainingBudget(minutes=3.0, lr=1e-3, warmup_steps=20)
+    return TrainingBudget(minutes=3.0, lr=1e-3, warmup_steps=20, focal_weight=0.0)
 
 
 class ModelConfig(_Section):

@@ -189,5 +189,6 @@ def _train_config(budget: TrainingBudget, seed: int) -> Any:
         no_point_rounds=budget.no_point_rounds,
         lr=budget.lr,
         warmup_steps=budget.warmup_steps,
+        focal_weight=budget.focal_weight,
         seed=seed,
     )
