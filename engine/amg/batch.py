@@ -149,6 +149,9 @@ def generate_for_images(
     for uri in iterable:
         decoded = _read(uri, max_pixels, endpoint_url, summary)
         if decoded is None:
+            skipped = summary.skipped[-1]
+            if skipped.reason != "unreadable":  # a bad file, not a passing I/O failure
+                _quarantine(store, skipped)
             continue
         masks = generator.generate(decoded.image, image_id=decoded.image_id, embeddings=embeddings)
         records = mask_records(
@@ -244,6 +247,13 @@ def _read(
         summary.skipped.append(SkippedImage(uri, _reason(str(err)), str(err)))
         return None
     return _Decoded(uri, image_id_for(data), sha256_hex(data), image)
+
+
+def _quarantine(store: MaskStore, skipped: SkippedImage) -> None:
+    """Record a file that cannot be decoded in the store's quarantine (once per file)."""
+    from storage.quarantine import quarantine_image
+
+    quarantine_image(store, skipped.uri, reason=skipped.reason, message=skipped.message)
 
 
 def _reason(message: str) -> str:

@@ -93,6 +93,10 @@ def test_generate_for_images_writes_masks_and_skips_bad_files(model, image_dir, 
         "empty file": 1,
         "too many pixels": 1,
     }
+    # The five bad files are in the store's quarantine with their reasons, once each.
+    from storage.quarantine import quarantine_reasons, quarantined
+
+    assert quarantine_reasons(quarantined(store)) == summary.skipped_by_reason
     assert summary.masks_generated > 0
     assert summary.masks_written == summary.masks_generated
     assert summary.commits == 3  # batches of 2 images
