@@ -39,7 +39,8 @@ def generate_crop_boxes(
 
     Returns:
         ``(boxes, layers)``; the whole image comes first, then each layer's crops ordered by
-        x0 and, for one x0, by y0.
+        x0 and, for one x0, by y0. Crops that would start past the image's edge (deep layers
+        on images a few pixels wide) are left out, so every box holds pixels.
     """
     height, width = image_size
     if n_layers < 0:
@@ -57,6 +58,10 @@ def generate_crop_boxes(
         x_starts = [int((crop_w - overlap) * i) for i in range(per_side)]
         y_starts = [int((crop_h - overlap) * i) for i in range(per_side)]
         for x0, y0 in product(x_starts, y_starts):
+            if x0 >= width or y0 >= height:
+                # A deep layer on a tiny image: rounding the crop length up can push the last
+                # crops past the edge; they would hold no pixel.
+                continue
             boxes.append([x0, y0, min(x0 + crop_w, width), min(y0 + crop_h, height)])
             layers.append(layer)
     return boxes, layers
