@@ -17,4 +17,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.models",
     "tests.fixtures.label_studio",
+    "tests.fixtures.prefect",
 ]

@@ -1,12 +1,9 @@
-"""Fixtures of the flow tests: a session-wide Prefect test harness and a tiny engine config."""
+"""Helpers of the flow tests: a tiny engine config (the Prefect harness: tests/fixtures)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from flows.config import EngineConfig, parse_config
 
@@ -56,12 +53,3 @@ def tiny_engine_data(root: Path | str, **sections: Any) -> dict[str, Any]:
 def tiny_engine_config(root: Path | str, **sections: Any) -> EngineConfig:
     """:func:`tiny_engine_data` validated."""
     return parse_config(tiny_engine_data(root, **sections))
-
-
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """A temporary Prefect API and database for every flow test of the session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):  # a busy 2-core machine is slow
-        yield

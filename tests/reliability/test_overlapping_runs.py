@@ -31,7 +31,7 @@ from storage.lease import Lease
 from storage.location import StorageLocation
 from storage.mask_store import MaskStore
 from tests.fixtures.s3 import StoreRoot
-from tests.flows.conftest import prefect_harness, tiny_engine_config  # noqa: F401
+from tests.flows.conftest import tiny_engine_config
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -226,7 +226,7 @@ def _wait_for_holder(location: StorageLocation, run: _Run) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_overlapping_runs_of_a_round_commit_it_once(
-    prefect_harness: None,  # noqa: F811
+    prefect_harness: None,
     tmp_path: Path,
 ) -> None:
     from flows.engine import data_engine

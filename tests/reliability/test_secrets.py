@@ -48,7 +48,7 @@ from storage.mask_store import MaskStore
 from tests.annotation_ui.conftest import register_model, write_images
 from tests.fixtures.label_studio import LabelStudioServer
 from tests.fixtures.s3 import S3Root
-from tests.flows.conftest import prefect_harness, tiny_engine_data  # noqa: F401 (a fixture)
+from tests.flows.conftest import tiny_engine_data
 
 pytestmark = [pytest.mark.label_studio, pytest.mark.slow, pytest.mark.timeout(900)]
 
