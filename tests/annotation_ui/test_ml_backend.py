@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -309,7 +310,14 @@ def test_webhooks_are_counted_and_ask_for_retraining(
         ]:
             answer = client.post("/webhook", json={"action": action, "project": {"id": 4}})
             assert answer.status_code == 201
-        metrics = client.get("/metrics").json()
+        # Retraining is asked for in a background task after the answer: wait for the last one.
+        deadline = time.monotonic() + 30
+        while True:
+            metrics = client.get("/metrics").json()
+            done = metrics["retrain_requests"] + metrics["retrain_failures"] >= 3
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert asked == [
         {"reason": "annotation events", "annotation_events": 2, "project": 4},
         {"reason": "START_TRAINING", "annotation_events": 1, "project": 4},
