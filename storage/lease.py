@@ -30,6 +30,7 @@ above the clock skew between machines. This module knows nothing of Prefect.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -49,6 +50,8 @@ from storage.errors import (
     StorageError,
 )
 from storage.location import StorageLocation
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["LEASE_PREFIX", "LEASE_SCHEMA_VERSION", "Lease", "LeaseOwner", "LeaseState"]
 
@@ -227,6 +230,7 @@ class Lease:
         if self._generation is not None:
             raise StorageError(f"{self} is already held by this object")
         start = time.monotonic()
+        told = False
         while True:
             generation, state = self._newest()
             now = datetime.now(UTC)
@@ -248,6 +252,17 @@ class Lease:
                     f"{state.expires_at:%Y-%m-%d %H:%M:%S} UTC unless renewed; gave up after "
                     f"{waited:.1f} s (wait_s={self.wait_s:g}); nothing was done"
                 )
+            if not told:
+                _log.info(
+                    "lease %r in %s is held by %s until %s UTC unless renewed; waiting up to "
+                    "%g s for it",
+                    self.name,
+                    self.location.root,
+                    state.owner,
+                    f"{state.expires_at:%Y-%m-%d %H:%M:%S}",
+                    self.wait_s,
+                )
+                told = True
             time.sleep(min(self.poll_s, max(self.wait_s - waited, 0.01)))
 
     def check(self) -> None:

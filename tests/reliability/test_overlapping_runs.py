@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -223,14 +224,45 @@ def _wait_for_holder(location: StorageLocation, run: _Run) -> None:
     pytest.fail("the first run never took its lease")
 
 
+class _WaitingSeen(logging.Handler):
+    """Sets ``event`` when a lease logs that it waits for its holder."""
+
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__(logging.INFO)
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "waiting up to" in record.getMessage():
+            self.event.set()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_overlapping_runs_of_a_round_commit_it_once(
     prefect_harness: None,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import flows.stages
     from flows.engine import data_engine
     from flows.stages import stage1_assisted_manual
+
+    # The overlap is made certain, not left to timing: the first run holds its last round until
+    # the second run has logged that it waits for the lease (the lease itself is not touched).
+    second_waits = threading.Event()
+    handler = _WaitingSeen(second_waits)
+    lease_log = logging.getLogger("storage.lease")
+    monkeypatch.setattr(lease_log, "level", logging.INFO)
+    monkeypatch.setattr(lease_log, "handlers", [*lease_log.handlers, handler])
+    run_round = flows.stages._run_round
+
+    def held_round(config: EngineConfig, dataset: str, stage: int, round: int, version: str) -> Any:
+        if threading.current_thread() is first and round == config.stage(stage).rounds - 1:
+            assert second_waits.wait(timeout=300), "the second run never waited for the lease"
+            time.sleep(1.0)
+        return run_round(config, dataset, stage, round, version)
+
+    monkeypatch.setattr(flows.stages, "_run_round", held_round)
 
     root = tmp_path / "root"
     first = _Run(stage1_assisted_manual, _config(root))
