@@ -27,6 +27,8 @@ from typing import Any
 HOLDOUT_SEED = 1_000_003
 TARGETS = {"miou_1click": 0.75, "noc90": 5.0}
 _SCENE_SIZE = (256, 256)
+#: Scenes of the curriculum's first part (as the test fixture's): few, large objects.
+EASY_SCENES = {"max_objects": 4, "min_area": 800}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +51,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="step cap (a CPU-equivalent budget on a GPU)"
+    )
+    parser.add_argument(
+        "--focal-weight",
+        type=float,
+        default=0.0,
+        help="focal:dice weight (SAM: 20; from random weights 0 trains faster, as the flows do)",
+    )
+    parser.add_argument("--repeat-masks", action="store_true", help="TrainConfig.repeat_masks")
+    parser.add_argument(
+        "--scale-min", type=float, default=1.0, help="scale jitter: longest side x [min, 1]"
+    )
+    parser.add_argument(
+        "--easy-fraction",
+        type=float,
+        default=0.0,
+        help="share of the run's first samples drawn from easy scenes (a curriculum)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -56,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.builder import build_sam
     from engine.evaluation import evaluate_interactive, synthetic_holdout
     from engine.training import (
+        AugmentConfig,
         StepLog,
         SyntheticTrainingData,
         TrainConfig,
@@ -74,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_sam("tiny", device=device, **overrides)
     holdout = list(synthetic_holdout(n_holdout, seed=HOLDOUT_SEED, size=_SCENE_SIZE))
     config = TrainConfig(
-        steps=None,
-        minutes=minutes,
+        # --steps alone: the lr schedule follows steps, as a CPU run of that many steps would.
+        minutes=None if args.steps is not None and args.minutes is None else minutes,
         images_per_step=args.images_per_step,
         masks_per_image=args.masks_per_image,
         num_rounds=args.num_rounds,
@@ -83,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         seed=args.seed,
+        steps=args.steps,
+        focal_weight=args.focal_weight,
+        repeat_masks=args.repeat_masks,
     )
     rows: list[dict[str, Any]] = []
     state = {"next_eval_s": args.eval_every * 60, "last_step": 0, "last_s": 0.0, "samples": 0}
@@ -125,7 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load_average()
     # Training scenes are drawn at the holdout's size and resized to the model input like any
     # image, so a smaller model input sees the same distribution.
-    data = SyntheticTrainingData(model.img_size, scene_size=_SCENE_SIZE)
+    jitter = AugmentConfig(scale_range=(args.scale_min, 1.0))
+    data: Any = SyntheticTrainingData(model.img_size, augment=jitter, scene_size=_SCENE_SIZE)
+    if args.easy_fraction > 0:
+        easy = SyntheticTrainingData(
+            model.img_size, augment=jitter, scene_kwargs=EASY_SCENES, scene_size=_SCENE_SIZE
+        )
+        planned = args.steps or int(minutes * 60 * 1.3)  # samples drawn ~ steps x images
+        data = _Curriculum(easy, data, int(args.easy_fraction * planned * args.images_per_step))
     result = train(model, data, config, on_step=on_step, progress=False)
     evaluate(result.history[-1] if result.history else None, final=True)
     final = rows[-1]
@@ -170,6 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         (out / "bench_train.json").write_text(json.dumps(report, indent=1))
         print(f"wrote {out / 'bench_train.json'}")
     return 0
+
+
+class _Curriculum:
+    """The first ``easy_samples`` samples from ``easy``, the rest from ``full``."""
+
+    def __init__(self, easy: Any, full: Any, easy_samples: int) -> None:
+        self.easy, self.full, self.easy_samples, self.drawn = easy, full, easy_samples, 0
+
+    def sample(self, rng: Any) -> Any:
+        self.drawn += 1
+        return (self.easy if self.drawn <= self.easy_samples else self.full).sample(rng)
+
+    def describe(self) -> dict[str, Any]:
+        return {"curriculum": {"easy": self.easy.describe(), "easy_samples": self.easy_samples}}
 
 
 def _print_row(row: dict[str, Any], *, header: bool) -> None:
