@@ -17,7 +17,7 @@ bbox                fixed list of 4 float32    tight box, XYWH in pixels
 predicted_iou       float32, nullable          model's IoU estimate; null for human masks
 stability_score     float32, nullable          IoU of the mask at logit -1 and +1; null if human
 point_coords        list of [x, y], nullable   prompt points in pixels
-crop_box            fixed list of 4, nullable  crop the mask came from, XYWH in pixels
+crop_box            list of 4 float32, null    crop the mask came from, XYWH in pixels
 model_version       string, nullable           model that proposed the mask
 annotator           string, nullable           who drew or corrected it
 lead_time_s         float32, nullable          seconds the annotator spent on the mask
@@ -25,6 +25,11 @@ clicks              int32, nullable            clicks the annotator made
 run_id              string                     the run (flow run, import) that wrote it
 created_at          timestamp[us, UTC]         when the commit was made
 ==================  =========================  ==================================================
+
+No nullable column is an Arrow *fixed-size* list: Arrow's Parquet reader before 25.0 (and
+readers built on it) fails on a null fixed-size list (apache/arrow#35692), so ``crop_box`` is a
+plain list whose length of 4 the writer checks. Schema version 1 stored it as a fixed-size list;
+version 2 readers read both.
 
 ``stage`` is the hive partition key: it is the directory name (``stage=1``) and is not repeated
 inside the Parquet files (:data:`MASKS_FILE_SCHEMA`), so DuckDB, Polars, Spark and
@@ -51,7 +56,7 @@ __all__ = [
     "stored_float",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STAGES: tuple[int, ...] = (1, 2, 3)
 SOURCES: tuple[str, ...] = ("manual", "model", "auto")
 SPLITS: tuple[str, ...] = ("pool", "holdout")
@@ -67,6 +72,8 @@ def stored_float(value: float | None) -> float | None:
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 _BOX = pa.list_(pa.float32(), 4)
+_POINT = pa.list_(pa.float32(), 2)
+_NULLABLE_BOX = pa.list_(pa.float32())  # length 4 checked on write; see the module's note
 
 
 def _metadata(table: str) -> dict[bytes, bytes]:
@@ -87,8 +94,8 @@ MASKS_SCHEMA = pa.schema(
         pa.field("bbox", _BOX, nullable=False),
         pa.field("predicted_iou", pa.float32()),
         pa.field("stability_score", pa.float32()),
-        pa.field("point_coords", pa.list_(pa.list_(pa.float32(), 2))),
-        pa.field("crop_box", _BOX),
+        pa.field("point_coords", pa.list_(pa.field("item", _POINT, nullable=False))),
+        pa.field("crop_box", _NULLABLE_BOX),
         pa.field("model_version", pa.string()),
         pa.field("annotator", pa.string()),
         pa.field("lead_time_s", pa.float32()),

@@ -97,9 +97,11 @@ class PointDecoder:
         """Low-res logits ``(K, rows, cols)`` of the chosen masks: multimask output
         ``output_index[k]`` (0..2) of prompt ``prompt_index[k]``, over the leading
         ``low_res_size`` rows and columns, in the order given."""
-        out = torch.empty((prompt_index.numel(), *self.low_res_size))
+        device = decoded.image_tokens.device
+        out = torch.empty((prompt_index.numel(), *self.low_res_size), device=device)
         if prompt_index.numel() == 0:
             return out
+        prompt_index, output_index = prompt_index.to(device), output_index.to(device)
         prompts, inverse = torch.unique(prompt_index, return_inverse=True)
         # Upscaled maps are (C / 8) x 16 times the embedding per prompt (~8 MB at 64x64 grid):
         # a few prompts at a time keep memory flat.

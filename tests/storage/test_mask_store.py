@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -26,7 +28,7 @@ from storage.errors import (
 )
 from storage.images import image_id_for, sha256_hex
 from storage.mask_store import ImageRecord, MaskRecord, MaskStore, make_mask_id
-from storage.schema import MASKS_SCHEMA
+from storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 from tests.fixtures.s3 import StoreRoot
 
 H, W = 24, 32
@@ -227,6 +229,47 @@ def test_hive_partitioned_files_read_directly(store_root: StoreRoot) -> None:
     table = dataset.to_table()
     assert sorted(table["stage"].to_pylist()) == [1, 1, 1, 3, 3]
     assert table.num_rows == store.count_masks()
+
+
+def test_no_nullable_column_is_a_fixed_size_list() -> None:
+    # Arrow's Parquet reader before 25.0 (pandas, DuckDB and Spark through it) fails on a null
+    # fixed-size list (apache/arrow#35692): a store of human masks (crop_box null) would be
+    # unreadable there. Nested lists count too.
+    def fixed_with_nulls(t: pa.DataType, nullable: bool) -> bool:
+        if pa.types.is_fixed_size_list(t):
+            return nullable or fixed_with_nulls(t.value_type, t.value_field.nullable)
+        if pa.types.is_list(t):
+            return fixed_with_nulls(t.value_type, t.value_field.nullable)
+        return False
+
+    for schema in (MASKS_SCHEMA, IMAGES_SCHEMA):
+        bad = [f.name for f in schema if fixed_with_nulls(f.type, f.nullable)]
+        assert not bad, f"nullable fixed-size lists: {bad}"
+
+
+def test_schema_v1_files_still_read(store_root: StoreRoot) -> None:
+    # Version 1 stored crop_box as a fixed-size list; rewrite a v2 file in that layout.
+    store = _store(store_root)
+    store.add_images([_image(0)])
+    records = _records("img0", 2, stage=3, source="auto")
+    records[0] = replace(records[0], crop_box=[0, 0, 16, 12], predicted_iou=0.5)
+    info = store.write_masks(records, stage=3, round=0, run_id="run-a")
+    before = store.mask_records()
+    [key] = info.files
+    table = pq.read_table(pa.BufferReader(store.location.get_bytes(key)))
+    v1_type = pa.list_(pa.float32(), 4)
+    column = pa.array(table["crop_box"].to_pylist(), type=v1_type)
+    table = table.set_column(table.schema.get_field_index("crop_box"), "crop_box", column)
+    table = table.replace_schema_metadata({b"schema_version": b"1", b"table": b"masks"})
+    out = io.BytesIO()
+    pq.write_table(table, out)
+    store.location.put_bytes(key, out.getvalue())
+    after = _store(store_root).mask_records()
+    assert after == before
+    assert sorted((r.crop_box is None, r.crop_box or []) for r in after) == [
+        (False, [0, 0, 16, 12]),
+        (True, []),
+    ]
 
 
 @pytest.mark.parametrize(
