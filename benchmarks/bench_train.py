@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="focal:dice weight (SAM: 20; from random weights 0 trains faster, as the flows do)",
     )
+    parser.add_argument("--focal-gamma", type=float, default=2.0, help="0: no focusing")
+    parser.add_argument(
+        "--focal-alpha", type=float, default=0.25, help="foreground weight (negative: none)"
+    )
     parser.add_argument("--repeat-masks", action="store_true", help="TrainConfig.repeat_masks")
     parser.add_argument(
         "--scale-min", type=float, default=1.0, help="scale jitter: longest side x [min, 1]"
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         steps=args.steps,
         focal_weight=args.focal_weight,
+        focal_gamma=args.focal_gamma,
+        focal_alpha=args.focal_alpha,
         repeat_masks=args.repeat_masks,
     )
     rows: list[dict[str, Any]] = []

@@ -75,6 +75,8 @@ class TrainConfig:
             small objects, 20 makes the single-mask output predict nothing (an empty mask is the
             cheapest answer while the model cannot yet tell where the object is); a dice-led
             loss trains faster (the test fixture uses 0: dice only).
+        focal_gamma: the focal loss's focusing exponent (RetinaNet and SAM: 2). With 0 and
+            ``focal_alpha < 0`` the term is plain binary cross-entropy.
         focal_warmup_steps: ramp the focal weight linearly from 0 to ``focal_weight`` over these
             steps (0: none). From random weights, the focal term alone drives every logit negative
             (small objects are a tiny share of the pixels) before the decoder has learnt where
@@ -100,6 +102,7 @@ class TrainConfig:
     freeze_image_encoder: bool = False
     focal_alpha: float = 0.25
     focal_weight: float = FOCAL_WEIGHT
+    focal_gamma: float = 2.0
     focal_warmup_steps: int = 0
     seed: int = 0
     checkpoint_every: int = 0
@@ -242,6 +245,7 @@ def train(
                 freeze_image_encoder=config.freeze_image_encoder,
                 focal_alpha=config.focal_alpha,
                 focal_weight=focal_weight_at(step, config),
+                focal_gamma=config.focal_gamma,
             )
             if not torch.isfinite(sim.loss):
                 _stop_on_nan("loss", sim.loss, step, checkpoint_uri, saved_step)

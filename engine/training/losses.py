@@ -50,9 +50,10 @@ def mask_loss(
     *,
     focal_alpha: float = 0.25,
     focal_weight: float = FOCAL_WEIGHT,
+    focal_gamma: float = 2.0,
 ) -> torch.Tensor:
     """SAM's mask loss, ``20 * focal + dice``: ``(B, M)`` (``focal_alpha < 0``: no weighting)."""
-    focal = focal_loss(logits, targets, alpha=focal_alpha)
+    focal = focal_loss(logits, targets, alpha=focal_alpha, gamma=focal_gamma)
     return focal_weight * focal + DICE_WEIGHT * dice_loss(logits, targets)
 
 

@@ -83,7 +83,8 @@ def no_point_round_indexes(
         )
     if no_point_rounds == 0:
         return set()
-    middle = torch.randperm(max(0, num_rounds - 2), generator=generator) + 1
+    middle = torch.randperm(max(0, num_rounds - 2), generator=generator, device=generator.device)
+    middle = middle.cpu() + 1
     return {num_rounds - 1, *(int(r) for r in middle[: no_point_rounds - 1])}
 
 
@@ -99,6 +100,7 @@ def simulate_interactive(
     freeze_image_encoder: bool = False,
     focal_alpha: float = 0.25,
     focal_weight: float = FOCAL_WEIGHT,
+    focal_gamma: float = 2.0,
 ) -> SimulationResult:
     """Run the simulation for a batch of masks and return the loss.
 
@@ -113,6 +115,7 @@ def simulate_interactive(
         freeze_image_encoder: run the encoder without gradients.
         focal_alpha: the focal loss's foreground weight (negative: none).
         focal_weight: weight of the focal term against dice (SAM: 20).
+        focal_gamma: the focal loss's focusing exponent (0 with no alpha: plain BCE).
     """
     no_point = no_point_round_indexes(num_rounds, no_point_rounds, generator)
     if freeze_image_encoder:
@@ -151,7 +154,9 @@ def simulate_interactive(
         else:
             valid = torch.stack([~multimask, multimask, multimask, multimask], dim=1)
         logits = F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)
-        per_output = mask_loss(logits, gt, focal_alpha=focal_alpha, focal_weight=focal_weight)
+        per_output = mask_loss(
+            logits, gt, focal_alpha=focal_alpha, focal_weight=focal_weight, focal_gamma=focal_gamma
+        )
         true_iou = mask_iou(logits, gt)
         inf = torch.full_like(per_output, float("inf"))
         best_loss = torch.where(valid, per_output, inf).min(dim=1).values

@@ -242,6 +242,7 @@ def test_overlapping_runs_of_a_round_commit_it_once(
     prefect_harness: None,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import flows.stages
     from flows.engine import data_engine
@@ -252,7 +253,7 @@ def test_overlapping_runs_of_a_round_commit_it_once(
     second_waits = threading.Event()
     handler = _WaitingSeen(second_waits)
     lease_log = logging.getLogger("storage.lease")
-    monkeypatch.setattr(lease_log, "level", logging.INFO)
+    caplog.set_level(logging.INFO, logger="storage.lease")  # setLevel: clears the level cache
     monkeypatch.setattr(lease_log, "handlers", [*lease_log.handlers, handler])
     run_round = flows.stages._run_round
 

@@ -47,3 +47,15 @@ def test_focal_alpha_weighs_foreground_against_background() -> None:
 def test_iou_of_two_empty_masks_is_one() -> None:
     empty = torch.zeros((1, 4, 4), dtype=torch.bool)
     assert mask_iou(torch.full((1, 1, 4, 4), -1.0), empty).item() == 1.0
+
+
+def test_focal_with_no_focusing_and_no_alpha_is_binary_cross_entropy() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8) * 4
+    targets = torch.rand(2, 8, 8) > 0.7  # one target per row, shared by its 3 outputs
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, targets[:, None].float().expand_as(logits), reduction="none"
+    ).mean(dim=(2, 3))
+    torch.testing.assert_close(focal_loss(logits, targets, alpha=-1, gamma=0.0), bce)
+    combined = mask_loss(logits, targets, focal_alpha=-1, focal_weight=3.0, focal_gamma=0.0)
+    torch.testing.assert_close(combined, 3.0 * bce + dice_loss(logits, targets))
