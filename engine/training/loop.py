@@ -27,6 +27,13 @@ import torch
 from tqdm import tqdm
 
 from engine.training.data import TrainingData, TrainSample
+from engine.training.distributed import (
+    average_gradients,
+    broadcast_parameters,
+    mean_across_ranks,
+    rank_and_world,
+    rank_zero_decides,
+)
 from engine.training.losses import FOCAL_WEIGHT
 from engine.training.simulation import simulate_interactive
 from storage.errors import ConfigError, TrainingError
@@ -201,6 +208,8 @@ def train(
         TrainingError: the loss or the gradient became NaN or infinite.
     """
     device = next(model.parameters()).device
+    rank, world = rank_and_world()
+    broadcast_parameters(model)  # every rank starts from rank 0's weights
     model.train()
     if config.freeze_image_encoder:
         model.image_encoder.requires_grad_(False)
@@ -216,7 +225,7 @@ def train(
     step = start_step
     saved_step: int | None = None
     try:
-        while _keep_going(step, result.train_s, config, budget_s):
+        while rank_zero_decides(_keep_going(step, result.train_s, config, budget_s), device):
             t0 = time.perf_counter()
             fraction = (
                 result.train_s / budget_s
@@ -227,7 +236,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            rng = np.random.default_rng([config.seed, step])
+            # Rank 0 draws what a single process would; every other rank its own samples.
+            rng = np.random.default_rng([config.seed, step] + ([rank] if rank else []))
             generator = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
             samples = [data.sample(rng) for _ in range(config.images_per_step)]
             images, gt, image_index = collate(
@@ -247,11 +257,16 @@ def train(
                 focal_weight=focal_weight_at(step, config),
                 focal_gamma=config.focal_gamma,
             )
-            if not torch.isfinite(sim.loss):
-                _stop_on_nan("loss", sim.loss, step, checkpoint_uri, saved_step)
             optimizer.zero_grad(set_to_none=True)
             sim.loss.backward()
             trainable = [p for g in optimizer.param_groups for p in g["params"]]
+            average_gradients(trainable)
+            # The step's loss and masks over all ranks: the same on each, so all stop together.
+            loss, masks = mean_across_ranks(
+                torch.stack([sim.loss.detach(), torch.tensor(float(sim.masks), device=device)])
+            ).tolist()
+            if not math.isfinite(loss):
+                _stop_on_nan("loss", torch.tensor(loss), step, checkpoint_uri, saved_step)
             if config.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             else:
@@ -265,16 +280,16 @@ def train(
 
             dt = time.perf_counter() - t0
             result.train_s += dt
-            result.samples += sim.masks
+            result.samples += round(masks * world)
             log = StepLog(
                 step=step,
-                loss=float(sim.loss.detach()),
+                loss=loss,
                 mask_loss=sim.mask_loss,
                 iou_loss=sim.iou_loss,
                 first_iou=sim.first_iou,
                 last_iou=sim.last_iou,
                 lr=lr,
-                masks=sim.masks,
+                masks=round(masks * world),
                 train_s=result.train_s,
             )
             result.history.append(log)
@@ -284,7 +299,12 @@ def train(
                 iou1=f"{log.first_iou:.2f}",
                 steps_s=f"{len(result.history) / result.train_s:.2f}",
             )
-            if checkpoint_uri and config.checkpoint_every and step % config.checkpoint_every == 0:
+            if (
+                checkpoint_uri
+                and rank == 0
+                and config.checkpoint_every
+                and step % config.checkpoint_every == 0
+            ):
                 _save(model, optimizer, step, checkpoint_uri, checkpoint_meta, config)
                 saved_step = step
             if on_step is not None:
@@ -295,7 +315,7 @@ def train(
             model.image_encoder.requires_grad_(True)
     result.step = step
     result.optimizer_state = optimizer.state_dict()
-    if checkpoint_uri:
+    if checkpoint_uri and rank == 0:
         _save(model, optimizer, step, checkpoint_uri, checkpoint_meta, config)
     model.eval()
     return result

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -88,19 +91,35 @@ def train(
         int | None,
         typer.Option("--image-size", help="Input side in pixels of a model built from scratch."),
     ] = None,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            "--nproc-per-node",
+            min=1,
+            help="Data-parallel processes on this machine (one per GPU, or CPU workers); "
+            "started through torchrun. Under torchrun already, leave it out.",
+        ),
+    ] = 1,
     endpoint_url: Annotated[str | None, _ENDPOINT] = None,
 ) -> None:
     """Train a model on the store's pool masks and register it as a new version.
 
     The new version and its parent are evaluated on the store's holdout; the new version is
-    promoted when it is not worse than its parent.
+    promoted when it is not worse than its parent. With several processes (``--nproc-per-node``
+    or ``torchrun``), every rank trains on its own samples with averaged gradients; rank 0
+    evaluates and registers.
     """
     from engine.registry import ModelRegistry
     from engine.training import StoreTrainingData, TrainConfig, no_point_rounds_for
     from engine.training import train as run_training
+    from engine.training.distributed import init_from_env, rank_and_world
     from storage.errors import ConfigError
     from storage.mask_store import MaskStore
 
+    if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_relaunch_under_torchrun(nproc_per_node))
+    device = init_from_env()
+    rank = rank_and_world()[0]
     if steps is None and minutes is None:
         steps = 2000
     if steps is not None and minutes is not None:
@@ -108,6 +127,7 @@ def train(
     store = MaskStore(root, endpoint_url=endpoint_url)
     registry = ModelRegistry(store)
     model, parent, meta = _parent_model(registry, from_, variant, image_size, endpoint_url)
+    model.to(device)
     if resume and (meta is None or meta.step is None):
         raise ConfigError("--resume needs --from a checkpoint written by a training run")
     data = StoreTrainingData(store, model.img_size, stages=stage, rounds=round_, sources=source)
@@ -125,7 +145,8 @@ def train(
     if lr is not None:
         config = dataclasses.replace(config, lr=lr)
     trained_on = data.describe()
-    typer.echo(
+    echo = typer.echo if rank == 0 else _quiet
+    echo(
         f"training {model.variant} from {parent or 'scratch'} on {trained_on['masks']} masks of "
         f"{trained_on['images']} images (commit {trained_on['commit_sequence']})"
     )
@@ -138,7 +159,10 @@ def train(
         optimizer_state=meta.optimizer_state if resume and meta else None,
         checkpoint_uri=run_uri,
         checkpoint_meta={"parent": parent, "trained_on": trained_on},
+        progress=rank == 0,
     )
+    if rank != 0:
+        return  # rank 0 holds the same weights and does the rest
     metrics = parent_metrics = None
     if store.count_masks(split="holdout") > 0:
         metrics = _evaluate(model, _store_samples(store, holdout_limit), max_clicks=eval_clicks)
@@ -166,6 +190,27 @@ def train(
     typer.echo(_table(metrics, parent_metrics, parent))
     if card.promotion:
         typer.echo(f"{'promoted' if card.promoted else 'not promoted'}: {card.promotion['reason']}")
+
+
+def _quiet(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+def _relaunch_under_torchrun(nproc: int) -> int:
+    """Run this same command again under ``torchrun`` with ``nproc`` processes; its exit code."""
+    argv = sys.argv[1:]
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            kept.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={nproc}", "-m", "flows.cli", *kept]
+    return subprocess.run(command, check=False).returncode
 
 
 def eval_(

@@ -88,3 +88,25 @@ def test_bad_input_is_refused_with_a_clear_error(tmp_path: Path) -> None:
             main()
         finally:
             sys.argv = argv
+
+
+@pytest.mark.slow
+def test_train_on_two_processes_registers_one_version(tmp_path: Path) -> None:
+    # The real console command: `--nproc-per-node 2` starts it again under torchrun (Gloo).
+    import shutil
+    import subprocess
+    import sys
+
+    store = make_synthetic_store(tmp_path / "store", n_pool=3, n_holdout=1)
+    exe = shutil.which("data-engine", path=str(Path(sys.executable).parent))
+    assert exe is not None
+    done = subprocess.run(
+        [exe, "train", "--root", str(tmp_path / "store"), "--from", "scratch",
+         "--image-size", "64", "--steps", "2", "--nproc-per-node", "2", *_FAST],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("registered v0001") == 1, done.stdout
+    cards = ModelRegistry(store).versions()
+    assert [c.version for c in cards] == ["v0001"] and cards[0].steps == 2
+    assert cards[0].extra["train_config"]["steps"] == 2
