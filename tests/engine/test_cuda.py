@@ -21,6 +21,7 @@ from engine.predictor import SamPredictor
 from engine.synthetic import generate_scene
 from engine.training import SyntheticTrainingData, TrainConfig, train
 from storage import rle
+from tests.fixtures.models import sharp_tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -37,12 +38,7 @@ def _no_tf32() -> Iterator[None]:
 def models() -> tuple[Sam, Sam]:
     """The same random-weight tiny model on the CPU and on the GPU, its mask logits scaled up
     so masks are confident (plain random weights give logits near 0)."""
-    torch.manual_seed(0)
-    cpu = build_sam("tiny")
-    with torch.no_grad():
-        for mlp in cpu.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(40.0)
-            mlp.layers[-1].bias.mul_(40.0)
+    cpu = sharp_tiny_model()
     return cpu.eval(), copy.deepcopy(cpu).to("cuda").eval()
 
 

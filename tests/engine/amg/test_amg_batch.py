@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from engine.amg import AutomaticMaskGenerator, generate_for_images
-from engine.builder import build_sam
 from engine.checkpoint import save_checkpoint
 from engine.predictor import SamPredictor
 from engine.registry import ModelRegistry
@@ -21,6 +19,7 @@ from engine.synthetic import generate_scene
 from flows.cli import build_app
 from storage.images import image_id_for
 from storage.mask_store import MaskStore
+from tests.fixtures.models import sharp_tiny_model
 
 # Low thresholds: random weights are never confident, and these tests are about the plumbing.
 LOOSE = dict(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0)
@@ -29,13 +28,7 @@ LOOSE_ARGS = ["--points-per-side", "2", "--pred-iou-thresh", "0", "--stability-s
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    sam = build_sam("tiny")
-    with torch.no_grad():
-        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(40.0)
-            mlp.layers[-1].bias.mul_(40.0)
-    return sam
+    return sharp_tiny_model()
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:

@@ -7,28 +7,21 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from engine.amg import AutomaticMaskGenerator, paper_preset
-from engine.builder import build_sam
 from engine.embeddings import EmbeddingCache
 from engine.synthetic import generate_scene
 from storage import rle
 from storage.errors import ConfigError, ImageError
 from tests.engine.amg.reference_amg import reference_generate
+from tests.fixtures.models import sharp_tiny_model
 
 
 @pytest.fixture(scope="module")
 def sharp_tiny():
     """A random-weight tiny model whose logits are scaled up so that masks have confident,
     varied shapes and stability scores (plain random weights give logits near 0)."""
-    torch.manual_seed(0)
-    model = build_sam("tiny")
-    with torch.no_grad():
-        for mlp in model.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(40.0)
-            mlp.layers[-1].bias.mul_(40.0)
-    return model
+    return sharp_tiny_model()
 
 
 @pytest.fixture(scope="module")
