@@ -145,11 +145,11 @@ def train(
     if lr is not None:
         config = dataclasses.replace(config, lr=lr)
     trained_on = data.describe()
-    echo = typer.echo if rank == 0 else _quiet
-    echo(
-        f"training {model.variant} from {parent or 'scratch'} on {trained_on['masks']} masks of "
-        f"{trained_on['images']} images (commit {trained_on['commit_sequence']})"
-    )
+    if rank == 0:
+        typer.echo(
+            f"training {model.variant} from {parent or 'scratch'} on {trained_on['masks']} "
+            f"masks of {trained_on['images']} images (commit {trained_on['commit_sequence']})"
+        )
     run_uri = store.location.uri(f"models/_runs/{time.strftime('%Y%m%dT%H%M%S')}.pt")
     result = run_training(
         model,
@@ -190,10 +190,6 @@ def train(
     typer.echo(_table(metrics, parent_metrics, parent))
     if card.promotion:
         typer.echo(f"{'promoted' if card.promoted else 'not promoted'}: {card.promotion['reason']}")
-
-
-def _quiet(*_args: Any, **_kwargs: Any) -> None:
-    return None
 
 
 def _relaunch_under_torchrun(nproc: int) -> int:
