@@ -30,6 +30,7 @@ test: $(STAMP) $(LS_VENV)/.installed
 	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/python -m pytest
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.run_all --out bench-results
 
 lint: $(STAMP)

@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--image-size", type=int, default=None, help="model input side, px (tiny: 256)"
     )
+    parser.add_argument(
+        "--out-stride", type=int, default=None, help="tiny's embedding stride, 8 or 4 (8)"
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="also save the trained model here (for inspection)"
+    )
     parser.add_argument("--images-per-step", type=int, default=2)
     parser.add_argument("--masks-per-image", type=int, default=8)
     parser.add_argument("--num-rounds", type=int, default=3)
@@ -57,12 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--focal-weight",
         type=float,
-        default=0.0,
-        help="focal:dice weight (SAM: 20; from random weights 0 trains faster, as the flows do)",
+        default=1.0,
+        help="focal:dice weight (SAM: 20; from random weights cross-entropy + dice at 1:1 "
+        "trains fastest, as the flows pretrain)",
     )
-    parser.add_argument("--focal-gamma", type=float, default=2.0, help="0: no focusing")
     parser.add_argument(
-        "--focal-alpha", type=float, default=0.25, help="foreground weight (negative: none)"
+        "--focal-gamma", type=float, default=0.0, help="SAM: 2; 0: no focusing (cross-entropy)"
+    )
+    parser.add_argument(
+        "--focal-alpha",
+        type=float,
+        default=-1.0,
+        help="foreground weight (SAM: 0.25; negative: none)",
     )
     parser.add_argument("--repeat-masks", action="store_true", help="TrainConfig.repeat_masks")
     parser.add_argument(
@@ -96,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     n_probe = min(n_holdout, args.probe if args.probe is not None else 12)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
-    overrides = {"image_size": args.image_size} if args.image_size else {}
+    overrides: dict[str, Any] = {"image_size": args.image_size} if args.image_size else {}
+    if args.out_stride:
+        overrides["encoder_out_stride"] = args.out_stride
     model = build_sam("tiny", device=device, **overrides)
     holdout = list(synthetic_holdout(n_holdout, seed=HOLDOUT_SEED, size=_SCENE_SIZE))
     config = TrainConfig(
@@ -202,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
         flush=True,
     )
+    if args.checkpoint:
+        from engine.checkpoint import save_checkpoint
+
+        save_checkpoint(model, args.checkpoint, step=result.step)
+        print(f"saved the model to {args.checkpoint}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ _PROMPT_AND_DECODER = {
     "num_multimask_outputs": 3,
     "iou_head_depth": 3,
     "iou_head_hidden_dim": 256,
+    "prompt_maps": False,
     "pixel_mean": list(PIXEL_MEAN),
     "pixel_std": list(PIXEL_STD),
 }
@@ -75,11 +76,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "encoder_depths": [0, 1, 2, 2],
         "encoder_global_blocks": 1,
         "encoder_num_heads": 8,
+        "encoder_out_stride": 8,
         # A narrower decoder: the training loop runs it ~11 times per mask.
         "prompt_embed_dim": 128,
         "decoder_mlp_dim": 512,
         "decoder_num_heads": 4,
         "iou_head_hidden_dim": 128,
+        # Prompts also drawn on the embedding grid: from scratch, the decoder finds the
+        # clicked object without first learning to read the sparse tokens' Fourier features.
+        "prompt_maps": True,
     },
 }
 
@@ -196,8 +201,9 @@ def _assemble(args: dict[str, Any], *, use_sdpa: bool) -> Sam:
             num_global_blocks=int(args["encoder_global_blocks"]),
             num_heads=int(args["encoder_num_heads"]),
             use_sdpa=use_sdpa,
+            out_stride=int(args["encoder_out_stride"]),
         )
-        grid = image_size // 8
+        grid = image_size // int(args["encoder_out_stride"])
     else:
         raise ConfigError(f"encoder must be 'vit' or 'conv', got {args['encoder']!r}")
     prompt_encoder = PromptEncoder(
@@ -205,6 +211,7 @@ def _assemble(args: dict[str, Any], *, use_sdpa: bool) -> Sam:
         image_embedding_size=(grid, grid),
         input_image_size=(image_size, image_size),
         mask_in_chans=int(args["mask_in_chans"]),
+        prompt_maps=bool(args["prompt_maps"]),
     )
     mask_decoder = MaskDecoder(
         transformer_dim=embed_dim,

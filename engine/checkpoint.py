@@ -167,7 +167,12 @@ def _engine_meta(payload: dict[str, Any], uri: str) -> tuple[CheckpointMeta, dic
             f"{FORMAT_VERSION}"
         )
     try:
-        build_args = resolve_build_args(dict(payload["build_args"]))
+        stored = dict(payload["build_args"])
+        # Checkpoints written before prompt maps existed were built without them.
+        stored.setdefault("prompt_maps", False)
+        if stored.get("encoder") == "conv":
+            stored.setdefault("encoder_out_stride", 8)
+        build_args = resolve_build_args(stored)
     except DataEngineError as err:
         raise CheckpointError(f"{uri!r} has unusable build_args: {err}") from err
     meta = CheckpointMeta(
@@ -201,8 +206,16 @@ def _plain_meta(
             f"state dict {uri!r} has the shapes of {inferred!r}, not of {variant!r}"
         )
     name = str(variant or inferred)
+    # A plain state dict says by its keys whether the model drew prompt maps.
+    inferred_args: dict[str, Any] = {
+        "variant": name,
+        "prompt_maps": "prompt_encoder.prompt_map_embed.weight" in state_dict,
+    }
+    detail = state_dict.get("image_encoder.lateral_detail.weight")
+    if detail is not None:  # the conv encoder's fusion kernel is 2 on a stride-8 grid, 1 on 4
+        inferred_args["encoder_out_stride"] = 8 if int(detail.shape[-1]) == 2 else 4
     try:
-        build_args = resolve_build_args({"variant": name})
+        build_args = resolve_build_args(inferred_args)
     except DataEngineError as err:
         raise CheckpointError(str(err)) from err
     meta = CheckpointMeta(

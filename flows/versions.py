@@ -190,5 +190,7 @@ def _train_config(budget: TrainingBudget, seed: int) -> Any:
         lr=budget.lr,
         warmup_steps=budget.warmup_steps,
         focal_weight=budget.focal_weight,
+        focal_gamma=budget.focal_gamma,
+        focal_alpha=budget.focal_alpha,
         seed=seed,
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.modeling.mask_decoder import is_batch_broadcast
 from engine.modeling.sam import Sam
 
 __all__ = ["DecodedPrompts", "PointDecoder"]
@@ -81,8 +82,9 @@ class PointDecoder:
         tokens = self._output_tokens.unsqueeze(0).expand(batch, -1, -1)
         tokens = torch.cat([tokens, sparse.to(tokens.dtype)], dim=1)
         # No mask prompt: every prompt sees the same image, so it goes in once (batch 1) and
-        # the transformer shares its first layer's image-side work across the batch.
-        src = self._embedding + dense[:1]
+        # the transformer shares its first layer's image-side work across the batch; a model
+        # with prompt maps has a dense embedding per prompt.
+        src = self._embedding + (dense[:1] if is_batch_broadcast(dense) else dense)
         _, c, h, w = src.shape
         hs, keys = decoder.transformer(src, self._image_pe[:1], tokens)
         iou = decoder.iou_prediction_head(hs[:, 0, :])

@@ -105,7 +105,7 @@ class MaskDecoder(nn.Module):
                 f"image_embeddings has batch {image_embeddings.shape[0]}; expected 1 or the "
                 f"number of prompts {batch}"
             )
-        if image_embeddings.shape[0] == 1 and _is_batch_broadcast(dense_prompt_embeddings):
+        if image_embeddings.shape[0] == 1 and is_batch_broadcast(dense_prompt_embeddings):
             # No mask prompt: every prompt sees the same image, so the transformer's first
             # layer does its image-side work once for the whole batch.
             src = image_embeddings + dense_prompt_embeddings[:1]
@@ -175,6 +175,6 @@ def _cells_to_image(cells: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return grid.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, m, 4 * h, 4 * w)
 
 
-def _is_batch_broadcast(x: torch.Tensor) -> bool:
+def is_batch_broadcast(x: torch.Tensor) -> bool:
     """Whether every batch entry of ``x`` is the same memory (an ``expand``-ed tensor)."""
     return x.shape[0] == 1 or x.stride(0) == 0

@@ -5,6 +5,14 @@ side ``input_image_size``). Point labels: 1 foreground, 0 background, -1 padding
 labels 2 and 3 mark a box's top-left and bottom-right corners given as points (an extension that
 lets one batch mix boxes and clicks; the official labels -1/0/1 behave exactly as the original).
 Mask prompts are low-resolution logits ``(B, 1, 4 * grid_h, 4 * grid_w)`` (256x256 for 1024 px).
+
+``prompt_maps=True`` (the ``tiny`` variant; off for the official ViTs, whose checkpoints have no
+such weights) also draws the points and the box onto the embedding grid, as click maps in
+interactive segmentation (Xu et al. 2016; RITM): a Gaussian of one cell around each positive
+and each negative point and the box's inside, three channels mapped by a 1x1 conv and added to
+the dense embedding. The mask decoder then sees where the prompts are in the image features
+themselves, and a model trained from scratch need not first learn to read the Fourier features
+of the sparse tokens. The sparse tokens are unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ class PromptEncoder(nn.Module):
         input_image_size: tuple[int, int],
         mask_in_chans: int,
         activation: type[nn.Module] = nn.GELU,
+        prompt_maps: bool = False,
     ) -> None:
         """
         Args:
@@ -44,6 +53,7 @@ class PromptEncoder(nn.Module):
             image_embedding_size: ``(h, w)`` of the image embedding grid, tokens.
             input_image_size: ``(H, W)`` of the padded encoder input, pixels.
             mask_in_chans: hidden channels of the mask-prompt conv stack.
+            prompt_maps: also add the prompts drawn on the grid to the dense embedding.
         """
         super().__init__()
         self.embed_dim = embed_dim
@@ -69,6 +79,7 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        self.prompt_map_embed = nn.Conv2d(3, embed_dim, kernel_size=1) if prompt_maps else None
         self._dense_pe: torch.Tensor | None = None
         self._dense_pe_key: tuple[object, ...] | None = None
 
@@ -139,12 +150,75 @@ class PromptEncoder(nn.Module):
             sparse = torch.cat([sparse, self.embed_points(coords, labels, pad=boxes is None)], 1)
         if boxes is not None:
             sparse = torch.cat([sparse, self.embed_boxes(boxes)], dim=1)
+        return sparse, self.embed_dense(points, boxes, masks, batch=batch)
+
+    def embed_dense(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        *,
+        batch: int,
+    ) -> torch.Tensor:
+        """The dense ``(batch, embed_dim, h, w)`` embedding: the mask prompt or the no-mask
+        embedding, plus the prompt maps when the model has them."""
         if masks is not None:
             dense = self.embed_masks(masks)
         else:
             h, w = self.image_embedding_size
             dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, h, w)
-        return sparse, dense
+        if self.prompt_map_embed is not None:
+            maps = self.draw_prompt_maps(points, boxes, batch=batch)
+            dense = dense + self.prompt_map_embed(maps.to(dense.dtype))
+        return dense
+
+    def draw_prompt_maps(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        *,
+        batch: int,
+    ) -> torch.Tensor:
+        """Points and boxes drawn on the embedding grid: ``(batch, 3, h, w)`` float in [0, 1].
+
+        Channel 0: max over positive points of a Gaussian (sigma one cell) centred on the point;
+        channel 1: the same for negative points; channel 2: 1 where a cell's centre lies inside
+        the box (from ``boxes`` or from corner points labelled 2 and 3). Padding points draw
+        nothing.
+        """
+        h, w = self.image_embedding_size
+        height, width = self.input_image_size
+        device = self.no_mask_embed.weight.device
+        cell_y, cell_x = height / h, width / w
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * cell_y
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * cell_x
+        maps = torch.zeros((batch, 3, h, w), device=device)
+        box = torch.zeros((batch, 4), device=device)  # XYXY, pixel centres
+        has_box = torch.zeros(batch, dtype=torch.bool, device=device)
+        if points is not None:
+            coords, labels = points
+            coords = coords.float() + 0.5  # a pixel's centre, as embed_points
+            dx = xs.view(1, 1, 1, w) - coords[..., 0].view(batch, -1, 1, 1)
+            dy = ys.view(1, 1, h, 1) - coords[..., 1].view(batch, -1, 1, 1)
+            gauss = torch.exp(-0.5 * ((dx / cell_x) ** 2 + (dy / cell_y) ** 2))  # (B, N, h, w)
+            for channel, label in ((0, POSITIVE_LABEL), (1, NEGATIVE_LABEL)):
+                chosen = (labels == label).view(batch, -1, 1, 1)
+                maps[:, channel] = (gauss * chosen).amax(dim=1)
+            top_left = labels == BOX_TOP_LEFT_LABEL
+            bottom_right = labels == BOX_BOTTOM_RIGHT_LABEL
+            corners = [
+                (coords * top_left[..., None]).sum(1),
+                (coords * bottom_right[..., None]).sum(1),
+            ]
+            box = torch.cat(corners, dim=-1)
+            has_box = top_left.any(1) & bottom_right.any(1)
+        if boxes is not None:
+            box = boxes.float().reshape(batch, 4) + 0.5
+            has_box = torch.ones_like(has_box)
+        inside_x = (xs[None] >= box[:, 0:1]) & (xs[None] <= box[:, 2:3])  # (B, w)
+        inside_y = (ys[None] >= box[:, 1:2]) & (ys[None] <= box[:, 3:4])  # (B, h)
+        maps[:, 2] = (inside_y[:, :, None] & inside_x[:, None, :] & has_box.view(-1, 1, 1)).float()
+        return maps
 
 
 def _batch_size(

@@ -105,6 +105,7 @@ class TinyImageEncoder(nn.Module):
         num_global_blocks: int = 1,
         num_heads: int = 8,
         use_sdpa: bool = True,
+        out_stride: int = 8,
     ) -> None:
         """
         Args:
@@ -115,11 +116,17 @@ class TinyImageEncoder(nn.Module):
             num_global_blocks: transformer blocks over the stride-16 map.
             num_heads: heads of those blocks.
             use_sdpa: use ``F.scaled_dot_product_attention`` in them.
+            out_stride: 8 (the default) or 4: the grid the features are fused onto; 4 gives a
+                grid twice as fine (and low-res masks at the input's size) for ~4x the decoder
+                work.
         """
         super().__init__()
         if img_size % 16:
             raise ValueError(f"img_size must be a multiple of 16, got {img_size}")
+        if out_stride not in (4, 8):
+            raise ValueError(f"out_stride must be 4 or 8, got {out_stride}")
         self.img_size = img_size
+        self.out_stride = out_stride
         chans = (in_chans, *widths)
         self.stages = nn.ModuleList(
             nn.Sequential(
@@ -136,7 +143,10 @@ class TinyImageEncoder(nn.Module):
         )
         # FPN-style fusion on the stride-8 grid: stride-4 detail by a 2x2/2 conv (space to depth),
         # stride-8 features by 1x1, stride-16 context by 1x1 then 2x upsampling.
-        self.lateral_detail = nn.Conv2d(widths[1], out_chans, kernel_size=2, stride=2)
+        detail_kernel = 2 if out_stride == 8 else 1
+        self.lateral_detail = nn.Conv2d(
+            widths[1], out_chans, kernel_size=detail_kernel, stride=detail_kernel
+        )
         self.lateral_mid = nn.Conv2d(widths[2], out_chans, kernel_size=1)
         self.lateral_context = nn.Conv2d(widths[3], out_chans, kernel_size=1)
         self.neck = nn.Sequential(
@@ -154,9 +164,9 @@ class TinyImageEncoder(nn.Module):
         s16 = self.stages[3](s8)
         for block in self.global_blocks:
             s16 = block(s16)
-        fused = (
-            self.lateral_detail(s4)
-            + self.lateral_mid(s8)
-            + F.interpolate(self.lateral_context(s16), scale_factor=2.0, mode="nearest")
-        )
-        return self.neck(fused)
+        up = 8 // self.out_stride  # from stride 8 to the output grid
+        mid = self.lateral_mid(s8)
+        if up > 1:
+            mid = F.interpolate(mid, scale_factor=float(up), mode="nearest")
+        context = F.interpolate(self.lateral_context(s16), scale_factor=2.0 * up, mode="nearest")
+        return self.neck(self.lateral_detail(s4) + mid + context)

@@ -142,11 +142,7 @@ def simulate_interactive(
             coords = torch.cat([coords, new_coords[:, None]], dim=1)
             labels = torch.cat([labels, new_labels[:, None]], dim=1)
         sparse = model.prompt_encoder.embed_points(coords, labels, pad=False)
-        if mask_prompt is None:
-            dense = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-            dense = dense.expand(m, -1, *per_mask.shape[-2:])
-        else:
-            dense = model.prompt_encoder.embed_masks(mask_prompt)
+        dense = model.prompt_encoder.embed_dense((coords, labels), None, mask_prompt, batch=m)
         low_res, iou_pred = model.mask_decoder.predict_masks(per_mask, image_pe, sparse, dense)
         if r > 0:  # several prompts from here on: only the single-mask output
             low_res, iou_pred = low_res[:, :1], iou_pred[:, :1]

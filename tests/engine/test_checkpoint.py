@@ -69,6 +69,32 @@ def test_build_args_rebuild_a_non_default_architecture(tmp_path: Path) -> None:
     assert loaded.img_size == 192 and len(loaded.image_encoder.global_blocks) == 0
 
 
+def test_checkpoints_from_before_prompt_maps_still_load(tmp_path: Path) -> None:
+    # Such a checkpoint's build_args have no "prompt_maps" key and its weights no map embedding.
+    old = build_sam("tiny", prompt_maps=False)
+    path = tmp_path / "old.pt"
+    save_checkpoint(old, str(path))
+    payload = torch.load(path, weights_only=True)
+    del payload["build_args"]["prompt_maps"]
+    torch.save(payload, path)
+    loaded, meta = load_checkpoint(str(path))
+    assert meta.build_args["prompt_maps"] is False
+    assert loaded.prompt_encoder.prompt_map_embed is None
+    plain = tmp_path / "plain_old.pth"
+    torch.save(old.state_dict(), plain)
+    from_plain, _ = load_checkpoint(str(plain))
+    assert from_plain.prompt_encoder.prompt_map_embed is None
+
+
+def test_plain_state_dict_of_a_stride_4_tiny_is_inferred(tmp_path: Path) -> None:
+    model = build_sam("tiny", encoder_out_stride=4)
+    path = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), path)
+    loaded, meta = load_checkpoint(str(path))
+    assert meta.build_args["encoder_out_stride"] == 4
+    assert loaded.prompt_encoder.image_embedding_size == (64, 64)
+
+
 def test_optimizer_state_round_trips(tiny: Sam, tmp_path: Path) -> None:
     model = build_sam("tiny").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999))

@@ -152,6 +152,67 @@ def test_point_embeddings_by_label(tiny: Sam) -> None:
     torch.testing.assert_close(out[0, 3], encoder.not_a_point_embed.weight[0])
 
 
+def _brute_force_prompt_maps(
+    encoder: torch.nn.Module, points: list[tuple[float, float, int]], box: list[float] | None
+) -> torch.Tensor:
+    """The three prompt maps of one prompt set, cell by cell from the documented definition."""
+    h, w = encoder.image_embedding_size
+    height, width = encoder.input_image_size
+    cy, cx = height / h, width / w
+    maps = torch.zeros(3, h, w)
+    for i in range(h):
+        for j in range(w):
+            y, x = (i + 0.5) * cy, (j + 0.5) * cx
+            for px, py, label in points:
+                if label in (0, 1):
+                    g = math.exp(-0.5 * (((x - px - 0.5) / cx) ** 2 + ((y - py - 0.5) / cy) ** 2))
+                    channel = 0 if label == 1 else 1
+                    maps[channel, i, j] = max(float(maps[channel, i, j]), g)
+            if box is not None:
+                x0, y0, x1, y1 = (v + 0.5 for v in box)
+                maps[2, i, j] = float(x0 <= x <= x1 and y0 <= y <= y1)
+    return maps
+
+
+def test_prompt_maps_match_their_definition(tiny: Sam) -> None:
+    encoder = tiny.prompt_encoder
+    clicks = [(100.0, 50.0, 1), (30.0, 200.0, 0), (7.0, 7.0, 1), (0.0, 0.0, -1)]
+    points = torch.tensor([[[x, y] for x, y, _ in clicks]])
+    labels = torch.tensor([[label for _, _, label in clicks]])
+    drawn = encoder.draw_prompt_maps((points, labels), None, batch=1)
+    torch.testing.assert_close(drawn[0], _brute_force_prompt_maps(encoder, clicks, None))
+    # A box given as corner points (labels 2, 3) draws the same as the same box given as a box.
+    box = [20.0, 30.0, 200.0, 221.0]
+    corners = torch.tensor([[[20.0, 30.0], [200.0, 221.0]]])
+    as_points = encoder.draw_prompt_maps((corners, torch.tensor([[2, 3]])), None, batch=1)
+    as_box = encoder.draw_prompt_maps(None, torch.tensor([box]), batch=1)
+    expected = _brute_force_prompt_maps(encoder, [], box)
+    torch.testing.assert_close(as_points[0], expected)
+    torch.testing.assert_close(as_box[0], expected)
+    assert expected[2].sum() > 0 and expected[:2].sum() == 0
+
+
+def test_prompt_maps_reach_the_dense_embedding(tiny: Sam) -> None:
+    encoder = tiny.prompt_encoder
+    points = torch.tensor([[[100.0, 50.0]], [[200.0, 180.0]]])
+    labels = torch.ones((2, 1), dtype=torch.int64)
+    with torch.no_grad():
+        _, dense = encoder(points=(points, labels), boxes=None, masks=None)
+        maps = encoder.draw_prompt_maps((points, labels), None, batch=2)
+        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        expected = no_mask + encoder.prompt_map_embed(maps)
+    torch.testing.assert_close(dense, expected)
+    assert not torch.allclose(dense[0], dense[1])  # a dense embedding per prompt
+
+
+def test_official_variants_have_no_prompt_maps() -> None:
+    for variant in ("vit_b", "vit_l", "vit_h"):
+        assert resolve_build_args({"variant": variant})["prompt_maps"] is False
+    model = build_sam("vit_b", device="meta")
+    assert model.prompt_encoder.prompt_map_embed is None
+    assert not any("prompt_map" in key for key in model.state_dict())
+
+
 def test_box_embedding_is_its_corners_encoding_plus_corner_embeddings(tiny: Sam) -> None:
     encoder = tiny.prompt_encoder
     boxes = torch.tensor([[12.0, 30.0, 200.0, 180.0], [0.0, 0.0, 255.0, 255.0]])
@@ -167,8 +228,10 @@ def test_box_embedding_is_its_corners_encoding_plus_corner_embeddings(tiny: Sam)
     torch.testing.assert_close(as_points, expected)
     sparse, dense = encoder(points=None, boxes=boxes, masks=None)
     assert sparse.shape == (2, 2, encoder.embed_dim)
+    with torch.no_grad():
+        maps = encoder.prompt_map_embed(encoder.draw_prompt_maps(None, boxes, batch=2))
     torch.testing.assert_close(
-        dense, encoder.no_mask_embed.weight.view(1, -1, 1, 1).expand(2, -1, 32, 32)
+        dense, encoder.no_mask_embed.weight.view(1, -1, 1, 1).expand(2, -1, 32, 32) + maps
     )
 
 
@@ -276,14 +339,26 @@ def test_postprocess_maps_low_res_logits_to_the_original_image(tiny: Sam) -> Non
     assert abs(xs.min().item() - 64 * scale) <= 2 and abs(xs.max().item() + 1 - 128 * scale) <= 2
 
 
-def test_tiny_encoder_output_and_gradients() -> None:
+@pytest.mark.parametrize("stride", [8, 4])
+def test_tiny_encoder_output_and_gradients(stride: int) -> None:
     torch.manual_seed(0)
-    model = build_sam("tiny").train()
+    model = build_sam("tiny", encoder_out_stride=stride).train()
     embedding = model.image_encoder(torch.randn(2, 3, 256, 256))
-    assert embedding.shape == (2, 128, 32, 32)
+    grid = 256 // stride
+    assert embedding.shape == (2, 128, grid, grid)
+    assert model.prompt_encoder.image_embedding_size == (grid, grid)
+    assert model.prompt_encoder.mask_input_size == (4 * grid, 4 * grid)
     embedding.square().mean().backward()
     without_grad = [n for n, p in model.image_encoder.named_parameters() if p.grad is None]
     assert without_grad == []
+    with torch.no_grad():  # the whole model runs on the finer grid
+        sparse, dense = model.prompt_encoder(
+            points=(torch.tensor([[[100.0, 60.0]]]), torch.tensor([[1]])), boxes=None, masks=None
+        )
+        low_res, _ = model.mask_decoder(
+            embedding[:1], model.prompt_encoder.get_dense_pe(), sparse, dense, True
+        )
+    assert low_res.shape == (1, 3, 4 * grid, 4 * grid)
 
 
 def test_build_args_rebuild_the_same_architecture() -> None:
