@@ -144,9 +144,8 @@ class TrainingBudget(_Section):
     # a few minutes of training do some good (the test fixture and bench_train use 3 as well).
     num_rounds: int = Field(default=3, ge=1, description="interactive rounds per mask (SAM: 11)")
     no_point_rounds: int = Field(default=1, ge=0)
-    # The engine's own model is pretrained with cross-entropy + dice at 1:1; retraining it with
-    # SAM's focal 20 instead made every demo retrain worse than its parent (mIoU@1 0.29 ->
-    # 0.12-0.20), so the default keeps the loss the model was trained with. For an official
+    # The engine's own model is pretrained with cross-entropy + dice at 1:1 and retrains keep
+    # that loss rather than switch to SAM's focal 20 on the first retrain step. For an official
     # checkpoint, SAM's recipe is focal_weight 20, focal_gamma 2, focal_alpha 0.25.
     focal_weight: float = Field(
         default=1.0,
