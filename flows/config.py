@@ -162,6 +162,11 @@ class TrainingBudget(_Section):
         "gives plain binary cross-entropy)",
     )
 
+    freeze_image_encoder: bool = Field(
+        default=False,
+        description="train the prompt encoder and mask decoder only (fine-tuning on few masks)",
+    )
+
     @model_validator(mode="after")
     def _some_budget(self) -> TrainingBudget:
         if self.steps is None and self.minutes is None:

@@ -192,5 +192,6 @@ def _train_config(budget: TrainingBudget, seed: int) -> Any:
         focal_weight=budget.focal_weight,
         focal_gamma=budget.focal_gamma,
         focal_alpha=budget.focal_alpha,
+        freeze_image_encoder=budget.freeze_image_encoder,
         seed=seed,
     )

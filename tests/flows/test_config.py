@@ -8,6 +8,7 @@ import pytest
 
 from flows.config import (
     EngineConfig,
+    TrainingBudget,
     demo_config,
     load_config,
     parse_config,
@@ -185,3 +186,26 @@ def test_demo_config_scales_images_and_minutes() -> None:
 def test_the_example_config_is_valid_and_states_the_defaults() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "config.toml"
     assert load_config(example) == parse_config({"root": "./engine-data"})
+
+
+def test_every_training_budget_setting_reaches_the_train_config() -> None:
+    from flows.versions import _train_config
+
+    budget = TrainingBudget(
+        steps=7,
+        minutes=None,
+        images_per_step=3,
+        masks_per_image=5,
+        lr=3e-4,
+        warmup_steps=2,
+        num_rounds=4,
+        no_point_rounds=2,
+        focal_weight=2.0,
+        focal_gamma=1.0,
+        focal_alpha=0.5,
+        freeze_image_encoder=True,
+    )
+    config = _train_config(budget, seed=9)
+    assert config.seed == 9
+    for name in TrainingBudget.model_fields:
+        assert getattr(config, name) == getattr(budget, name), name
