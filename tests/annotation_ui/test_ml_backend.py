@@ -232,7 +232,11 @@ def test_batch_pre_annotation_answers_every_task_in_order(
         for region in prediction["result"]:
             mask = rle.from_brush(region["value"]["rle"], image.height, image.width)
             assert rle.area([mask])[0] > 0
-            assert region["score"] >= 0.0
+        # Region scores are the generator's predicted IoUs (unbounded for random weights), most
+        # confident first; the task's score is their mean.
+        scores = [region["score"] for region in prediction["result"]]
+        assert scores == sorted(scores, reverse=True)
+        assert prediction["score"] == pytest.approx(sum(scores) / len(scores))
 
 
 def test_a_newly_promoted_version_is_served_without_restart(
