@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.machine import load_average
 from engine.builder import VARIANTS, build_sam
 
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "rows": rows,
         "target": "ours (sdpa) no slower than the original (ratio <= 1)",
     }
@@ -157,13 +158,6 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             f"{(f'{diff:.1e}' if diff is not None else '-'):>11}",
             flush=True,
         )
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":

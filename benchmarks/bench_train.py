@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import load_average
+
 #: Seed of the holdout scenes (training scenes come from TrainConfig.seed streams).
 HOLDOUT_SEED = 1_000_003
 TARGETS = {"miou_1click": 0.75, "noc90": 5.0}
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(per-minute rows: first {n_probe}); {config}",
         flush=True,
     )
-    load_before = _load_average()
+    load_before = load_average()
     # Training scenes are drawn at the holdout's size and resized to the model input like any
     # image, so a smaller model input sees the same distribution.
     jitter = AugmentConfig(scale_range=(args.scale_min, 1.0))
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "load_average_before": load_before,
-        "load_average_after": _load_average(),
+        "load_average_after": load_average(),
         "minutes": minutes,
         "holdout_images": n_holdout,
         "holdout_seed": HOLDOUT_SEED,
@@ -256,13 +258,6 @@ def _print_row(row: dict[str, Any], *, header: bool) -> None:
         f"{row['box_miou']:>7.3f} {row['eval_s']:>7.1f}",
         flush=True,
     )
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":
