@@ -3,7 +3,8 @@ scratch on a CPU in minutes.
 
 Input ``(B, 3, img_size, img_size)`` normalised pixels (256 px by default); output
 ``(B, out_chans, img_size / 8, img_size / 8)``, a 32x32 grid at 256 px, so the mask decoder's 4x
-upscaling gives 128x128 low-res masks. Why this shape:
+upscaling gives 128x128 low-res masks (``out_stride=4`` fuses onto the stride-4 grid instead:
+64x64 at 256 px). Why this shape:
 
 - convolutions carry the locality prior a ViT has to learn from data, so a few hundred images
   are enough to get useful masks;
