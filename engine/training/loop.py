@@ -88,6 +88,9 @@ class TrainConfig:
             steps (0: none). From random weights, the focal term alone drives every logit negative
             (small objects are a tiny share of the pixels) before the decoder has learnt where
             a prompt points; dice first keeps the masks alive through that phase.
+        loss_at_low_res: take the mask loss on the decoder's low-res grid against pooled
+            targets, not on logits upsampled to the input (see ``engine.training.simulation``);
+            on a CPU it makes a ``tiny`` step ~1.3x faster.
         seed: seeds data, prompts and nothing else (the model is built by the caller).
         checkpoint_every: steps between checkpoints to ``checkpoint_uri`` (0: only at the end).
     """
@@ -111,6 +114,7 @@ class TrainConfig:
     focal_weight: float = FOCAL_WEIGHT
     focal_gamma: float = 2.0
     focal_warmup_steps: int = 0
+    loss_at_low_res: bool = True
     seed: int = 0
     checkpoint_every: int = 0
 
@@ -256,6 +260,7 @@ def train(
                 focal_alpha=config.focal_alpha,
                 focal_weight=focal_weight_at(step, config),
                 focal_gamma=config.focal_gamma,
+                loss_at_low_res=config.loss_at_low_res,
             )
             optimizer.zero_grad(set_to_none=True)
             sim.loss.backward()

@@ -1,8 +1,9 @@
 """SAM's training losses: focal + dice on mask logits (20:1), MSE on the IoU head.
 
 Every function works per mask and per output: logits ``(B, M, H, W)`` against targets
-``(B, H, W)`` bool give losses ``(B, M)``, so the caller can pick, for each prompt, the output
-with the lowest loss (SAM backpropagates only that one when the prompt is ambiguous).
+``(B, H, W)`` give losses ``(B, M)``, so the caller can pick, for each prompt, the output with
+the lowest loss (SAM backpropagates only that one when the prompt is ambiguous). Targets are
+bool, or soft in [0, 1] for the focal and dice terms (pooled onto a coarser grid).
 """
 
 from __future__ import annotations

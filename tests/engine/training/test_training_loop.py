@@ -12,7 +12,11 @@ from engine.builder import build_sam
 from engine.checkpoint import load_checkpoint
 from engine.training.data import SyntheticTrainingData, TrainSample
 from engine.training.loop import TrainConfig, collate, lr_at, train
-from engine.training.simulation import no_point_round_indexes, simulate_interactive
+from engine.training.simulation import (
+    SimulationResult,
+    no_point_round_indexes,
+    simulate_interactive,
+)
 from storage.errors import ConfigError, TrainingError
 
 # A 64 px tiny model: same architecture, a 8x8 embedding grid, fast enough for unit tests.
@@ -42,7 +46,8 @@ def _data() -> SyntheticTrainingData:
     return SyntheticTrainingData(_SIZE, scene_kwargs={"max_objects": 4, "min_area": 20})
 
 
-def test_loss_decreases_on_a_tiny_synthetic_batch() -> None:
+@pytest.mark.parametrize("loss_at_low_res", [True, False])
+def test_loss_decreases_on_a_tiny_synthetic_batch(loss_at_low_res: bool) -> None:
     model = _small_model().train()
     rng = np.random.default_rng(0)
     samples = [_data().sample(rng) for _ in range(2)]
@@ -58,6 +63,7 @@ def test_loss_decreases_on_a_tiny_synthetic_batch() -> None:
             num_rounds=3,
             no_point_rounds=1,
             generator=torch.Generator().manual_seed(step),
+            loss_at_low_res=loss_at_low_res,
         )
         optimizer.zero_grad()
         sim.loss.backward()
@@ -66,23 +72,49 @@ def test_loss_decreases_on_a_tiny_synthetic_batch() -> None:
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
 
 
-def test_simulation_reports_each_term() -> None:
-    model = _small_model().train()
-    rng = np.random.default_rng(1)
-    images, gt, index = collate([_data().sample(rng)], model, 3, rng)
-    sim = simulate_interactive(
-        model,
+def _two_rounds(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    gt: torch.Tensor,
+    index: torch.Tensor,
+    **options: bool,
+) -> SimulationResult:
+    """Two rounds (the second with an error point) on fixed prompts (generator seed 0)."""
+    return simulate_interactive(
+        model,  # type: ignore[arg-type]
         images,
         gt,
         index,
         num_rounds=2,
         no_point_rounds=0,
         generator=torch.Generator().manual_seed(0),
+        **options,
     )
+
+
+def test_simulation_reports_each_term() -> None:
+    model = _small_model().train()
+    rng = np.random.default_rng(1)
+    images, gt, index = collate([_data().sample(rng)], model, 3, rng)
+    sim = _two_rounds(model, images, gt, index)
     assert sim.masks == gt.shape[0]
     assert sim.loss.requires_grad and torch.isfinite(sim.loss)
     assert 0 <= sim.first_iou <= 1 and 0 <= sim.last_iou <= 1
     assert sim.mask_loss > 0 and sim.iou_loss >= 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_low_res_loss_measures_what_the_full_resolution_loss_does(seed: int) -> None:
+    # Same model, masks and prompts: the loss on the low-res grid against pooled targets and the
+    # loss on logits upsampled to the input agree, and so do the IoUs the IoU head learns.
+    model = _small_model(seed).train()
+    rng = np.random.default_rng(seed)
+    images, gt, index = collate([_data().sample(rng) for _ in range(2)], model, 4, rng)
+    low = _two_rounds(model, images, gt, index, loss_at_low_res=True)
+    full = _two_rounds(model, images, gt, index, loss_at_low_res=False)
+    assert low.mask_loss == pytest.approx(full.mask_loss, rel=0.02)
+    assert low.first_iou == pytest.approx(full.first_iou, abs=0.03)
+    assert low.last_iou == pytest.approx(full.last_iou, abs=0.03)
 
 
 def test_no_point_rounds_are_the_last_and_random_middle_ones() -> None:
