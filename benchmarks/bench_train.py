@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-step", type=int, default=2)
     parser.add_argument("--masks-per-image", type=int, default=8)
     parser.add_argument("--num-rounds", type=int, default=3)
+    parser.add_argument(
+        "--max-points-per-round", type=int, default=1, help="TrainConfig.max_points_per_round"
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         masks_per_image=args.masks_per_image,
         num_rounds=args.num_rounds,
         no_point_rounds=no_point_rounds_for(args.num_rounds),
+        max_points_per_round=args.max_points_per_round,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         seed=args.seed,

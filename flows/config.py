@@ -166,6 +166,17 @@ class TrainingBudget(_Section):
         default=False,
         description="train the prompt encoder and mask decoder only (fine-tuning on few masks)",
     )
+    # A retrain on a few dozen masks, most of them the most prominent objects (stage 1 labels
+    # largest first), drags the model towards large blobs within tens of steps; mixing in the
+    # scenes the base model was pretrained on keeps what it knew (results/cpu-2core-2026-12-07).
+    replay_fraction: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="retrains: share of each step's images drawn from the base model's own "
+        "pretraining source (synthetic scenes) instead of the store; default: 0.5 when the "
+        "engine pretrained the base model, 0 when it started from model.checkpoint",
+    )
 
     @model_validator(mode="after")
     def _some_budget(self) -> TrainingBudget:

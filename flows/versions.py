@@ -32,6 +32,7 @@ __all__ = [
     "base_version",
     "evaluate_on_holdout",
     "find_version",
+    "pretraining_data",
     "promote_version",
     "retrain_version",
 ]
@@ -100,7 +101,7 @@ def base_version(
     Returns the existing version when one with ``tags`` is registered already.
     """
     from engine import build_sam
-    from engine.training import SyntheticTrainingData, train
+    from engine.training import train
 
     existing = find_version(registry, tags)
     if existing is not None:
@@ -114,7 +115,7 @@ def base_version(
         model = build_sam(variant, checkpoint=checkpoint)
     steps, wall_time_s, trained_on = 0, 0.0, {"source": "checkpoint", "uri": checkpoint}
     if checkpoint is None:
-        data = SyntheticTrainingData(img_size=model.img_size)
+        data = pretraining_data(model.img_size)
         result = train(model, data, _train_config(budget, tags.seed(seed)), progress=False)
         steps, wall_time_s, trained_on = result.step, result.train_s, data.describe()
     model.eval()
@@ -142,19 +143,24 @@ def retrain_version(
     tags: VersionTags,
     holdout: Sequence[EvalSample],
     max_clicks: int,
+    replay_fraction: float = 0.0,
 ) -> ModelCard:
     """Train ``parent`` further on every pool mask in the store, score it, register it.
 
-    The new version is not promoted here (see :func:`promote_version`). Returns the existing
-    version when one with ``tags`` is registered already.
+    With ``replay_fraction`` > 0 that share of the images comes from :func:`pretraining_data`
+    (rehearsal of what the engine's base model learnt from). The new version is not promoted
+    here (see :func:`promote_version`). Returns the existing version when one with ``tags`` is
+    registered already.
     """
-    from engine.training import StoreTrainingData, train
+    from engine.training import ReplayTrainingData, StoreTrainingData, TrainingData, train
 
     existing = find_version(registry, tags)
     if existing is not None:
         return existing
     model = registry.load(parent)
-    data = StoreTrainingData(store, model.img_size)
+    data: TrainingData = StoreTrainingData(store, model.img_size)
+    if replay_fraction > 0:
+        data = ReplayTrainingData(data, pretraining_data(model.img_size), replay_fraction)
     result = train(model, data, _train_config(budget, tags.seed(seed)), progress=False)
     model.eval()
     metrics = evaluate_on_holdout(model, holdout, max_clicks=max_clicks)
@@ -168,6 +174,13 @@ def retrain_version(
         parent_metrics=registry.get(parent).metrics,
         extra=tags.as_dict(),
     )
+
+
+def pretraining_data(img_size: int) -> Any:
+    """What the engine pretrains its base model on: fresh synthetic scenes at ``img_size``."""
+    from engine.training import SyntheticTrainingData
+
+    return SyntheticTrainingData(img_size=img_size)
 
 
 def promote_version(

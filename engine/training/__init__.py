@@ -6,6 +6,7 @@ result = train(model, data, TrainConfig(steps=2000))   # model trained in place
 
 from engine.training.data import (
     AugmentConfig,
+    ReplayTrainingData,
     StoreTrainingData,
     SyntheticTrainingData,
     TrainingData,
@@ -23,6 +24,7 @@ from engine.training.simulation import SimulationResult, simulate_interactive
 
 __all__ = [
     "AugmentConfig",
+    "ReplayTrainingData",
     "SimulationResult",
     "StepLog",
     "StoreTrainingData",

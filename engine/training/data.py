@@ -8,6 +8,10 @@ Two sources share one interface (``sample(rng) -> TrainSample``):
 - :class:`SyntheticTrainingData` draws scenes from :mod:`engine.synthetic`, for training from
   scratch and for benchmarks.
 
+:class:`ReplayTrainingData` mixes a second source into the first (rehearsal): a retrain on a
+few new masks also keeps seeing what the model was trained on before, so masks skewed to one
+kind of object (stage 1 collects the most prominent ones first) do not pull it off the rest.
+
 Augmentation (:func:`augment`): the longest side is resized to ``img_size * s`` with ``s``
 drawn from ``scale_range`` (SAM's large-scale jitter; a larger image is randomly cropped to the
 input square, a smaller one padded by the model), then a random horizontal flip. Masks too small
@@ -33,6 +37,7 @@ from storage.errors import TrainingError
 from storage.rle import Rle
 
 __all__ = [
+    "ReplayTrainingData",
     "StoreTrainingData",
     "SyntheticTrainingData",
     "TrainSample",
@@ -276,6 +281,36 @@ class StoreTrainingData:
                 f"the holdout overlaps the training images in {self.store}: {leaks[:5]}"
                 f"{' ...' if len(leaks) > 5 else ''}; evaluating on them would overstate the model"
             )
+
+
+@dataclass
+class ReplayTrainingData:
+    """Each sample from ``replay`` with probability ``fraction``, else from ``data``.
+
+    Args:
+        data: the new data (e.g. the engine's masks, :class:`StoreTrainingData`).
+        replay: what the model was trained on before (e.g. :class:`SyntheticTrainingData`).
+        fraction: share of samples drawn from ``replay``, in [0, 1).
+    """
+
+    data: TrainingData
+    replay: TrainingData
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise TrainingError(f"replay fraction {self.fraction}; expected a value in [0, 1)")
+
+    def sample(self, rng: np.random.Generator) -> TrainSample:
+        source = self.replay if rng.random() < self.fraction else self.data
+        return source.sample(rng)
+
+    def describe(self) -> dict[str, Any]:
+        """The new data's snapshot, with the replayed source and its share under ``replay``."""
+        return {
+            **self.data.describe(),
+            "replay": {"fraction": self.fraction, **self.replay.describe()},
+        }
 
 
 def _filter(table: pa.Table, column: str, values: Sequence[Any] | None) -> pa.Table:

@@ -69,6 +69,8 @@ class TrainConfig:
             image has fewer: the decoder sees more prompts per encoder pass, which is cheap.
         num_rounds: interactive rounds per mask (SAM: 11).
         no_point_rounds: rounds that add no new point (SAM: 2).
+        max_points_per_round: each round that adds points adds 1 to this many per mask (SAM:
+            1); with a few rounds, more lets the model see prompts of many clicks.
         lr: peak learning rate.
         betas: AdamW betas.
         weight_decay: AdamW weight decay on weight matrices and conv kernels.
@@ -102,6 +104,7 @@ class TrainConfig:
     repeat_masks: bool = False
     num_rounds: int = 11
     no_point_rounds: int = 2
+    max_points_per_round: int = 1
     lr: float = 8e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.1
@@ -134,6 +137,10 @@ class TrainConfig:
             raise ConfigError(
                 f"num_rounds={self.num_rounds}, no_point_rounds={self.no_point_rounds}; expected "
                 "num_rounds >= 1 and 0 <= no_point_rounds < num_rounds"
+            )
+        if self.max_points_per_round < 1:
+            raise ConfigError(
+                f"TrainConfig.max_points_per_round is {self.max_points_per_round}; expected >= 1"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,6 +262,7 @@ def train(
                 image_index,
                 num_rounds=config.num_rounds,
                 no_point_rounds=config.no_point_rounds,
+                max_points_per_round=config.max_points_per_round,
                 generator=generator,
                 freeze_image_encoder=config.freeze_image_encoder,
                 focal_alpha=config.focal_alpha,

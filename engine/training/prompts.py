@@ -19,6 +19,7 @@ __all__ = [
     "noisy_boxes",
     "sample_error_points",
     "sample_points_in_masks",
+    "sample_several_error_points",
 ]
 
 #: Point label for "no point" (the prompt encoder's padding token).
@@ -59,6 +60,30 @@ def sample_error_points(
     labels = in_gt.long()  # in the error and in gt: a miss (positive); else a false alarm
     labels = torch.where(error.flatten(1).any(1), labels, torch.full_like(labels, PAD_LABEL))
     return coords, labels
+
+
+def sample_several_error_points(
+    pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator, max_points: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Between 1 and ``max_points`` corrective clicks per mask, each drawn as by
+    :func:`sample_error_points` from the same error region.
+
+    Returns:
+        coords ``(B, K, 2)`` and labels ``(B, K)`` with ``K = max_points``: mask ``i`` has a
+        count drawn uniformly from 1..K, and its points past that count are
+        :data:`PAD_LABEL` (as are all of a mask with no error).
+    """
+    if max_points < 1:
+        raise ValueError(f"max_points={max_points}; expected at least 1")
+    if max_points == 1:
+        coords, labels = sample_error_points(pred, gt, generator)
+        return coords[:, None], labels[:, None]
+    count = torch.randint(1, max_points + 1, (gt.shape[0],), generator=generator, device=gt.device)
+    drawn = [sample_error_points(pred, gt, generator) for _ in range(max_points)]
+    coords = torch.stack([c for c, _ in drawn], dim=1)
+    labels = torch.stack([lab for _, lab in drawn], dim=1)
+    beyond = torch.arange(max_points, device=gt.device)[None, :] >= count[:, None]
+    return coords, labels.masked_fill(beyond, PAD_LABEL)
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ Per mask (Kirillov et al. 2023, section 3 and appendix A):
    box with noise. A lone point is ambiguous, so its round uses the three multimask outputs; a
    box uses the single-mask output.
 2. Each later round adds one point drawn uniformly from the error region between the previous
-   prediction and the ground truth (positive in a false negative, negative in a false positive)
+   prediction and the ground truth (positive in a false negative, negative in a false positive;
+   ``max_points_per_round > 1`` adds between one and that many at once, so a run with few
+   rounds still shows the model prompts with as many clicks as an annotator makes)
    and feeds the previous round's unthresholded low-res logits back as the mask prompt; from
    round 2 on the model sees several prompts, so the single-mask output is used.
 3. ``no_point_rounds`` rounds add no point, so the model learns to refine from its own mask: one
@@ -42,8 +44,8 @@ from engine.training.losses import FOCAL_WEIGHT, mask_iou, mask_loss
 from engine.training.prompts import (
     PAD_LABEL,
     noisy_boxes,
-    sample_error_points,
     sample_points_in_masks,
+    sample_several_error_points,
 )
 
 if TYPE_CHECKING:
@@ -110,6 +112,7 @@ def simulate_interactive(
     focal_weight: float = FOCAL_WEIGHT,
     focal_gamma: float = 2.0,
     loss_at_low_res: bool = True,
+    max_points_per_round: int = 1,
 ) -> SimulationResult:
     """Run the simulation for a batch of masks and return the loss.
 
@@ -127,7 +130,12 @@ def simulate_interactive(
         focal_gamma: the focal loss's focusing exponent (0 with no alpha: plain BCE).
         loss_at_low_res: take the loss on the low-res grid against pooled targets (else on
             logits upsampled to the input size).
+        max_points_per_round: each round that adds points adds, per mask, a number drawn
+            uniformly from 1 to this, every one from the current error region (1: SAM's one
+            point a round).
     """
+    if max_points_per_round < 1:
+        raise ValueError(f"max_points_per_round={max_points_per_round}; expected at least 1")
     no_point = no_point_round_indexes(num_rounds, no_point_rounds, generator)
     if freeze_image_encoder:
         with torch.no_grad():
@@ -159,9 +167,11 @@ def simulate_interactive(
     round_ious: list[torch.Tensor] = []
     for r in range(num_rounds):
         if r > 0 and r not in no_point:
-            new_coords, new_labels = sample_error_points(pred, gt, generator)
-            coords = torch.cat([coords, new_coords[:, None]], dim=1)
-            labels = torch.cat([labels, new_labels[:, None]], dim=1)
+            new_coords, new_labels = sample_several_error_points(
+                pred, gt, generator, max_points_per_round
+            )
+            coords = torch.cat([coords, new_coords], dim=1)
+            labels = torch.cat([labels, new_labels], dim=1)
         sparse = model.prompt_encoder.embed_points(coords, labels, pad=False)
         dense = model.prompt_encoder.embed_dense((coords, labels), None, mask_prompt, batch=m)
         low_res, iou_pred = model.mask_decoder.predict_masks(per_mask, image_pe, sparse, dense)

@@ -207,5 +207,6 @@ def test_every_training_budget_setting_reaches_the_train_config() -> None:
     )
     config = _train_config(budget, seed=9)
     assert config.seed == 9
-    for name in TrainingBudget.model_fields:
+    # replay_fraction shapes the retrain's data, not the loop (tests/flows/test_tasks.py).
+    for name in set(TrainingBudget.model_fields) - {"replay_fraction"}:
         assert getattr(config, name) == getattr(budget, name), name

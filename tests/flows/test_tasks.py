@@ -11,9 +11,19 @@ from prefect.logging import disable_run_logger
 from flows.config import EngineConfig, parse_config
 from flows.report.summary import read_round_manifests
 from flows.sources import prepare_source
-from flows.tasks import commit_masks, record_round, round_image_ids, store_for
+from flows.tasks import (
+    base_model,
+    commit_masks,
+    prepare_dataset,
+    record_round,
+    registry_for,
+    retrain_model,
+    round_image_ids,
+    store_for,
+)
 from storage import rle as rle_codec
 from storage.mask_store import MaskRecord
+from tests.flows.conftest import TINY_TRAINING, tiny_engine_config
 
 
 @pytest.fixture
@@ -73,3 +83,28 @@ def test_record_round_writes_a_manifest_the_report_reads(config: EngineConfig) -
         key = record_round.fn(config, manifest)
     assert key.endswith("stage2-round000.json")
     assert read_round_manifests(store_for(config))[(2, 0)] == manifest
+
+
+@pytest.mark.parametrize(("replay_fraction", "expected"), [(None, 0.5), (0.0, None)])
+def test_a_retrain_rehearses_the_base_models_pretraining_scenes(
+    tmp_path: Path, replay_fraction: float | None, expected: float | None
+) -> None:
+    train = {**TINY_TRAINING, "replay_fraction": replay_fraction}
+    config = tiny_engine_config(tmp_path / "root", stage1={"train": train})
+    store = store_for(config)
+    prepare_source(store, config)
+    image_ids = round_image_ids.fn(config, 1, 0)
+    with disable_run_logger():
+        dataset = prepare_dataset.fn(config)
+        mask = np.zeros((1, 96, 96), bool)  # tiny_engine_config's images are 96 px
+        mask[0, 20:60, 30:50] = True
+        record = MaskRecord(image_ids[0], rle_codec.encode(mask)[0], 1, 0, "manual", "engine")
+        commit_masks.fn(config, [record], 1, 0)
+        base = base_model.fn(config, dataset)
+        trained = retrain_model.fn(config, dataset, base, 1, 0)
+    card = registry_for(config).get(trained["version"])
+    assert card.trained_on["masks"] == 1  # the store's snapshot, as without replay
+    replay = card.trained_on.get("replay")
+    assert (replay or {}).get("fraction") == expected
+    if expected is not None:
+        assert replay["source"] == "synthetic"

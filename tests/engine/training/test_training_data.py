@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.training.data import AugmentConfig, StoreTrainingData, SyntheticTrainingData, augment
+from engine.training.data import (
+    AugmentConfig,
+    ReplayTrainingData,
+    StoreTrainingData,
+    SyntheticTrainingData,
+    augment,
+)
 from storage.errors import TrainingError
 from storage.mask_store import MaskStore
 from tests.fixtures.models import make_synthetic_store
@@ -30,6 +36,24 @@ def test_samples_come_from_pool_masks_resized_to_the_input(synthetic_store: Mask
     assert described["images"] == 6 and described["stages"] == [1]
     assert described["masks"] == sum(1 for r in synthetic_store.mask_records(split="pool"))
     assert described["commit_sequence"] == synthetic_store.commits()[-1].sequence
+
+
+def test_replay_mixes_the_second_source_in_at_its_share(synthetic_store: MaskStore) -> None:
+    fixed = AugmentConfig(scale_range=(1.0, 1.0), flip=False)
+    store = StoreTrainingData(synthetic_store, 64, augment=fixed)
+    scenes = SyntheticTrainingData(64)
+    # The store's images are 96x128 (48x64 once resized); synthetic scenes are square.
+    for fraction, low, high in ((0.0, 0, 0), (0.25, 30, 70)):
+        mixed = ReplayTrainingData(store, scenes, fraction)
+        rng = np.random.default_rng(0)
+        shapes = [tuple(mixed.sample(rng).image.shape) for _ in range(200)]
+        replayed = shapes.count((3, 64, 64))
+        assert low <= replayed <= high and replayed + shapes.count((3, 48, 64)) == 200
+    described = ReplayTrainingData(store, scenes, 0.5).describe()
+    assert described["masks"] == store.describe()["masks"]  # the store's snapshot, unchanged
+    assert described["replay"] == {"fraction": 0.5, **scenes.describe()}
+    with pytest.raises(TrainingError, match="replay fraction"):
+        ReplayTrainingData(store, scenes, 1.0)
 
 
 def test_filters_that_match_nothing_raise(synthetic_store: MaskStore) -> None:

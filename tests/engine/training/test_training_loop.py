@@ -46,8 +46,12 @@ def _data() -> SyntheticTrainingData:
     return SyntheticTrainingData(_SIZE, scene_kwargs={"max_objects": 4, "min_area": 20})
 
 
-@pytest.mark.parametrize("loss_at_low_res", [True, False])
-def test_loss_decreases_on_a_tiny_synthetic_batch(loss_at_low_res: bool) -> None:
+@pytest.mark.parametrize(
+    ("loss_at_low_res", "max_points_per_round"), [(True, 1), (False, 1), (True, 4)]
+)
+def test_loss_decreases_on_a_tiny_synthetic_batch(
+    loss_at_low_res: bool, max_points_per_round: int
+) -> None:
     model = _small_model().train()
     rng = np.random.default_rng(0)
     samples = [_data().sample(rng) for _ in range(2)]
@@ -64,6 +68,7 @@ def test_loss_decreases_on_a_tiny_synthetic_batch(loss_at_low_res: bool) -> None
             no_point_rounds=1,
             generator=torch.Generator().manual_seed(step),
             loss_at_low_res=loss_at_low_res,
+            max_points_per_round=max_points_per_round,
         )
         optimizer.zero_grad()
         sim.loss.backward()
@@ -252,3 +257,5 @@ def test_minutes_budget_and_bad_configs() -> None:
         TrainConfig(num_rounds=2, no_point_rounds=2)
     with pytest.raises(ConfigError, match="images_per_step"):
         TrainConfig(images_per_step=0)
+    with pytest.raises(ConfigError, match="max_points_per_round"):
+        TrainConfig(max_points_per_round=0)

@@ -13,6 +13,7 @@ from engine.training.prompts import (
     noisy_boxes,
     sample_error_points,
     sample_points_in_masks,
+    sample_several_error_points,
 )
 
 
@@ -57,6 +58,32 @@ def test_error_points_cover_the_error_region_uniformly() -> None:
         seen[key] = seen.get(key, 0) + 1
     assert set(seen) == {(0, 0, 1), (1, 0, 1), (3, 3, 0)}
     assert all(150 < n < 250 for n in seen.values())  # ~200 each
+
+
+def test_several_error_points_lie_in_the_error_region_with_1_to_k_per_mask() -> None:
+    pred = _random_masks(3, 40, 9, 13, 0.4)
+    gt = _random_masks(4, 40, 9, 13, 0.5)
+    pred[0] = gt[0]  # no error: every point is padding
+    coords, labels = sample_several_error_points(pred, gt, torch.Generator().manual_seed(0), 5)
+    assert coords.shape == (40, 5, 2) and labels.shape == (40, 5)
+    counts = (labels != PAD_LABEL).sum(1)
+    assert int(counts[0]) == 0
+    assert int(counts[1:].min()) >= 1 and int(counts.max()) <= 5
+    assert set(counts[1:].tolist()) == {1, 2, 3, 4, 5}  # 39 masks: every count occurs
+    for i in range(40):
+        real = labels[i] != PAD_LABEL
+        assert bool(real[: int(counts[i])].all())  # the real points come first
+        points = coords[i][real].long().tolist()
+        for (x, y), label in zip(points, labels[i][real].tolist(), strict=True):
+            assert bool(pred[i, y, x] ^ gt[i, y, x])
+            assert label == int(gt[i, y, x])
+
+
+def test_one_error_point_per_round_is_sample_error_points() -> None:
+    pred, gt = _random_masks(5, 4, 9, 13, 0.4), _random_masks(6, 4, 9, 13, 0.5)
+    coords, labels = sample_several_error_points(pred, gt, torch.Generator().manual_seed(1), 1)
+    single = sample_error_points(pred, gt, torch.Generator().manual_seed(1))
+    assert torch.equal(coords[:, 0], single[0]) and torch.equal(labels[:, 0], single[1])
 
 
 def test_points_in_masks_are_inside() -> None:
