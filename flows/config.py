@@ -187,6 +187,10 @@ class TrainingBudget(_Section):
         return self
 
 
+#: Retrains of the engine's own model replay this share of pretraining scenes by default.
+_DEFAULT_REPLAY_FRACTION = 0.5
+
+
 def _pretrain_budget() -> TrainingBudget:
     # From random weights the same loss as retraining (cross-entropy + dice; bench_train: over
     # twice the mIoU@1 of dice alone), a higher lr and a longer warm-up.
@@ -351,6 +355,15 @@ class EngineConfig(_Section):
         if number not in sections:
             raise ConfigError(f"stage must be 1, 2 or 3, got {number!r}")
         return sections[number]
+
+    def replay_fraction(self, number: int) -> float:
+        """Share of stage ``number``'s retrain images replayed from the pretraining scenes:
+        the stage's ``train.replay_fraction``, or by default 0.5 when the engine pretrained the
+        base model and 0 when it started from ``model.checkpoint`` (nothing to rehearse)."""
+        fraction = self.stage(number).train.replay_fraction
+        if fraction is not None:
+            return fraction
+        return _DEFAULT_REPLAY_FRACTION if self.model.checkpoint is None else 0.0
 
     def pool_images_needed(self) -> int:
         """Pool images the three stages consume (each image is used by one round only)."""

@@ -181,16 +181,12 @@ def retrain_model(
     from flows.versions import VersionTags, retrain_version
 
     store = store_for(config)
-    budget = config.stage(stage).train
-    replay = budget.replay_fraction
-    if replay is None:  # rehearse the engine's own pretraining; an imported model has none
-        replay = 0.5 if config.model.checkpoint is None else 0.0
     card = retrain_version(
         store,
         registry_for(config),
         parent=parent,
-        budget=budget,
-        replay_fraction=replay,
+        budget=config.stage(stage).train,
+        replay_fraction=config.replay_fraction(stage),
         seed=config.seed,
         tags=VersionTags(config.run_name, dataset, "retrain", stage, round),
         holdout=holdout_samples(

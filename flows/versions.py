@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from engine.evaluation.interactive import EvalSample
     from engine.evaluation.metrics import InteractiveMetrics
     from engine.registry import ModelCard, ModelRegistry
+    from engine.training import SyntheticTrainingData
     from flows.config import TrainingBudget
     from storage.mask_store import MaskStore
 
@@ -176,7 +177,7 @@ def retrain_version(
     )
 
 
-def pretraining_data(img_size: int) -> Any:
+def pretraining_data(img_size: int) -> SyntheticTrainingData:
     """What the engine pretrains its base model on: fresh synthetic scenes at ``img_size``."""
     from engine.training import SyntheticTrainingData
 

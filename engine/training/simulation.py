@@ -134,8 +134,6 @@ def simulate_interactive(
             uniformly from 1 to this, every one from the current error region (1: SAM's one
             point a round).
     """
-    if max_points_per_round < 1:
-        raise ValueError(f"max_points_per_round={max_points_per_round}; expected at least 1")
     no_point = no_point_round_indexes(num_rounds, no_point_rounds, generator)
     if freeze_image_encoder:
         with torch.no_grad():

@@ -210,3 +210,14 @@ def test_every_training_budget_setting_reaches_the_train_config() -> None:
     # replay_fraction shapes the retrain's data, not the loop (tests/flows/test_tasks.py).
     for name in set(TrainingBudget.model_fields) - {"replay_fraction"}:
         assert getattr(config, name) == getattr(budget, name), name
+
+
+def test_retrains_replay_pretraining_scenes_only_for_the_engines_own_model() -> None:
+    own = parse_config({"root": "r"})
+    imported = parse_config({"root": "r", "model": {"checkpoint": "sam_vit_b.pth"}})
+    assert [own.replay_fraction(n) for n in (1, 2, 3)] == [0.5, 0.5, 0.5]
+    assert [imported.replay_fraction(n) for n in (1, 2, 3)] == [0.0, 0.0, 0.0]
+    chosen = parse_config({"root": "r", "stage2": {"train": {"replay_fraction": 0.2}}})
+    assert chosen.replay_fraction(2) == 0.2 and chosen.replay_fraction(1) == 0.5
+    with pytest.raises(ConfigError, match="replay_fraction"):
+        parse_config({"root": "r", "stage1": {"train": {"replay_fraction": 1.0}}})
