@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 $(LS_VENV)/.installed:
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/pip install -q --upgrade pip
-	$(LS_VENV)/bin/pip install -q 'label-studio==$(LS_VERSION)'
+	# sentry-sdk 3 (2026-12-07) drops an option Label Studio 1.23 passes at start-up.
+	$(LS_VENV)/bin/pip install -q 'label-studio==$(LS_VERSION)' 'sentry-sdk<3'
 	touch $(LS_VENV)/.installed
 
 demo: $(STAMP)
