@@ -185,7 +185,12 @@ def _decode(model: Sam, embedding: torch.Tensor, n: int, dtype: torch.dtype | No
     with torch.autocast(model.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         low_res, _ = model.mask_decoder(
-            embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True
+            embedding,
+            model.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            multimask_output=True,
+            points=(coords, labels),
         )
     low_res.float().sum().item()  # waits for the device
 

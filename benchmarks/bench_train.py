@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-points-per-round", type=int, default=1, help="TrainConfig.max_points_per_round"
     )
+    parser.add_argument(
+        "--instance-loss-weight", type=float, default=1.0, help="TrainConfig.instance_loss_weight"
+    )
+    parser.add_argument(
+        "--instance-dim", type=int, default=None, help="tiny's instance code channels (16; 0: none)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -116,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {"image_size": args.image_size} if args.image_size else {}
     if args.out_stride:
         overrides["encoder_out_stride"] = args.out_stride
+    if args.instance_dim is not None:
+        overrides["instance_dim"] = args.instance_dim
     model = build_sam("tiny", device=device, **overrides)
     holdout = list(synthetic_holdout(n_holdout, seed=HOLDOUT_SEED, size=_SCENE_SIZE))
     config = TrainConfig(
@@ -126,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         num_rounds=args.num_rounds,
         no_point_rounds=no_point_rounds_for(args.num_rounds),
         max_points_per_round=args.max_points_per_round,
+        instance_loss_weight=args.instance_loss_weight,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         seed=args.seed,
@@ -202,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "holdout_images": n_holdout,
         "holdout_seed": HOLDOUT_SEED,
         "image_size": model.img_size,
+        "build_args": model.build_args,
         "scene_size": list(_SCENE_SIZE),
         "config": config.to_dict(),
         "steps": result.step,

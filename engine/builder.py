@@ -33,6 +33,7 @@ _PROMPT_AND_DECODER = {
     "iou_head_depth": 3,
     "iou_head_hidden_dim": 256,
     "prompt_maps": False,
+    "instance_dim": 0,
     "pixel_mean": list(PIXEL_MEAN),
     "pixel_std": list(PIXEL_STD),
 }
@@ -85,6 +86,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         # Prompts also drawn on the embedding grid: from scratch, the decoder finds the
         # clicked object without first learning to read the sparse tokens' Fourier features.
         "prompt_maps": True,
+        # A stride-2 instance code the decoder reads at the clicks (engine.modeling.
+        # instance_embedding): from scratch, one click finds its object ~2x sooner.
+        "instance_dim": 16,
     },
 }
 
@@ -170,7 +174,10 @@ def _assemble(args: dict[str, Any], *, use_sdpa: bool) -> Sam:
     embed_dim = int(args["prompt_embed_dim"])
     image_size = int(args["image_size"])
     encoder: ImageEncoderViT | TinyImageEncoder
+    instance_dim = int(args["instance_dim"])
     if args["encoder"] == "vit":
+        if instance_dim:
+            raise ConfigError("instance_dim needs the conv encoder (tiny); the ViTs have none")
         encoder = ImageEncoderViT(
             img_size=image_size,
             patch_size=int(args["vit_patch_size"]),
@@ -202,6 +209,7 @@ def _assemble(args: dict[str, Any], *, use_sdpa: bool) -> Sam:
             num_heads=int(args["encoder_num_heads"]),
             use_sdpa=use_sdpa,
             out_stride=int(args["encoder_out_stride"]),
+            instance_dim=instance_dim,
         )
         grid = image_size // int(args["encoder_out_stride"])
     else:
@@ -225,6 +233,8 @@ def _assemble(args: dict[str, Any], *, use_sdpa: bool) -> Sam:
         num_multimask_outputs=int(args["num_multimask_outputs"]),
         iou_head_depth=int(args["iou_head_depth"]),
         iou_head_hidden_dim=int(args["iou_head_hidden_dim"]),
+        instance_dim=instance_dim,
+        input_image_size=(image_size, image_size),
     )
     return Sam(
         image_encoder=encoder,

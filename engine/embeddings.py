@@ -167,8 +167,7 @@ class EmbeddingCache:
 
 def _fits(item: CachedEmbedding, predictor: SamPredictor) -> bool:
     """Whether an embedding was made by a model shaped like the predictor's (else recompute)."""
-    encoder = predictor.model.prompt_encoder
-    shape = (encoder.embed_dim, *encoder.image_embedding_size)
+    shape = predictor.model.image_embedding_shape
     h, w = item.original_size
     expected_input = predictor.transform.get_preprocess_shape(h, w, predictor.model.img_size)
     return tuple(item.embedding.shape) == shape and tuple(item.input_size) == expected_input

@@ -99,11 +99,7 @@ class SamPredictor:
         embedding = torch.as_tensor(embedding)
         if embedding.dim() == 3:
             embedding = embedding[None]
-        expected = (
-            1,
-            self.model.prompt_encoder.embed_dim,
-            *self.model.prompt_encoder.image_embedding_size,
-        )
+        expected = (1, *self.model.image_embedding_shape)
         if tuple(embedding.shape) != expected:
             raise ImageError(
                 f"embedding must have shape {expected} for this model, got {tuple(embedding.shape)}"
@@ -204,6 +200,7 @@ class SamPredictor:
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
+                points=points,
             )
         low_res, iou = low_res.float(), iou.float()
         masks = self.model.postprocess_masks(low_res, self.input_size, original_size)

@@ -347,7 +347,7 @@ def _fits(
     """Whether a stored embedding belongs to an image of this size and a model of this shape."""
     embedding, original_size, input_size = loaded
     model = predictor.model
-    shape = (model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
+    shape = model.image_embedding_shape
     expected_input = predictor.transform.get_preprocess_shape(*original_size, model.img_size)
     return (
         tuple(embedding.shape) == shape

@@ -13,8 +13,9 @@ image goes in once for the whole batch (no mask prompt), and the upscaling runs 
 ``MaskDecoder.upscale_cells`` (cell order) with the pixel shuffle done on the masks.
 
 Uses the decoder's own modules (``iou_token``, ``mask_tokens``, ``transformer``,
-``output_upscaling``, ``output_hypernetworks_mlps``, ``iou_prediction_head``), so it computes
-what ``MaskDecoder.forward(..., multimask_output=True)`` computes for single positive points.
+``output_upscaling``, ``output_hypernetworks_mlps``, ``iou_prediction_head``, and
+``click_term`` for a model with an instance code), so it computes what
+``MaskDecoder.forward(..., multimask_output=True)`` computes for single positive points.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class DecodedPrompts:
         iou_predictions: ``(B, 3)`` predicted IoU of each multimask output.
         mask_tokens: ``(B, 4, C)`` transformed mask tokens (token 0 is the single-mask one).
         image_tokens: ``(B, h, w, C)`` transformed image embedding of each prompt (channels-last).
+        point_coords: ``(B, 1, 2)`` the points, xy pixels in the model's input frame.
     """
 
     iou_predictions: torch.Tensor
     mask_tokens: torch.Tensor
     image_tokens: torch.Tensor
+    point_coords: torch.Tensor
 
 
 class PointDecoder:
@@ -66,7 +69,8 @@ class PointDecoder:
         self._rows = min(grid_h, -(-low_res_rows * grid_h // low_h))
         self._cols = min(grid_w, -(-low_res_cols * grid_w // low_w))
         self.low_res_size = (self._rows * low_h // grid_h, self._cols * low_w // grid_w)
-        self._embedding = embedding
+        # The SAM embedding, and the instance code when the model has one.
+        self._embedding, self._code = decoder.split_embedding(embedding)
         self._image_pe = model.prompt_encoder.get_dense_pe()
         self._output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
 
@@ -90,7 +94,7 @@ class PointDecoder:
         iou = decoder.iou_prediction_head(hs[:, 0, :])
         mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
         image_tokens = keys.reshape(batch, h, w, c)  # channels-last
-        return DecodedPrompts(iou[:, 1:], mask_tokens, image_tokens)
+        return DecodedPrompts(iou[:, 1:], mask_tokens, image_tokens, coords)
 
     @torch.inference_mode()
     def low_res_logits(
@@ -125,7 +129,14 @@ class PointDecoder:
         hyper = torch.stack(
             [decoder.output_hypernetworks_mlps[t](tokens[:, t, :]) for t in range(1, 4)], dim=1
         )  # (P, 3, C / 8)
-        return _cells_to_image(hyper @ cells.transpose(1, 2), self._rows, self._cols)
+        logits = _cells_to_image(hyper @ cells.transpose(1, 2), self._rows, self._cols)
+        if self._code is not None:  # the click affinity, on the whole low-res grid then cropped
+            coords = decoded.point_coords[prompts]
+            labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=coords.device)
+            full = self.model.prompt_encoder.mask_input_size
+            term = decoder.click_term(self._code, (coords, labels), full, slice(1, 4))
+            logits = logits + term[..., : logits.shape[-2], : logits.shape[-1]]
+        return logits
 
 
 def _cells_to_image(values: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -152,6 +152,7 @@ class _ImageSession:
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
+            points=points,
         )
         best = iou_pred.argmax(dim=1)
         chosen = low_res[torch.arange(len(best), device=device), best][:, None]

@@ -4,6 +4,11 @@ weights to give low-resolution mask logits ``(B, M, 4h, 4w)`` (256x256 for a 64x
 
 Mask token 0 is the single-mask output (used when several prompts make the target clear);
 tokens 1..3 are the multimask outputs for ambiguous prompts (whole, part, sub-part).
+
+With ``instance_dim > 0`` (``tiny``) the image embedding carries a packed instance code after its
+``transformer_dim`` channels, and every output gets a click-affinity term on its logits (see
+``engine.modeling.instance_embedding``); the decoder then needs the clicks themselves
+(``points``), not only their tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.modeling.common import MLP, LayerNorm2d
+from engine.modeling.instance_embedding import click_affinity, unpack_cells
 from engine.modeling.transformer import TwoWayTransformer
 
 
@@ -30,6 +36,8 @@ class MaskDecoder(nn.Module):
         activation: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        instance_dim: int = 0,
+        input_image_size: tuple[int, int] = (1024, 1024),
     ) -> None:
         """
         Args:
@@ -37,6 +45,9 @@ class MaskDecoder(nn.Module):
             transformer: the two-way transformer.
             num_multimask_outputs: masks returned for an ambiguous prompt (3 in SAM).
             iou_head_depth, iou_head_hidden_dim: the MLP that predicts each mask's IoU.
+            instance_dim: channels of the instance code packed in the image embedding (0: none).
+            input_image_size: ``(H, W)`` of the model's input frame, pixels (where the clicks
+                are given; used with an instance code).
         """
         super().__init__()
         self.transformer_dim = transformer_dim
@@ -60,6 +71,13 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        self.instance_dim = instance_dim
+        self.input_image_size = input_image_size
+        if instance_dim > 0:
+            # Per output, how strongly the click affinity (in logits per unit of code distance)
+            # adds to the mask; 3 makes a pixel at the margin's end flip sign at init.
+            self.instance_pos_scale = nn.Parameter(torch.full((self.num_mask_tokens,), 3.0))
+            self.instance_neg_scale = nn.Parameter(torch.full((self.num_mask_tokens,), 3.0))
 
     def forward(
         self,
@@ -68,6 +86,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -77,12 +96,14 @@ class MaskDecoder(nn.Module):
             sparse_prompt_embeddings: ``(B, N, C)`` point/box tokens.
             dense_prompt_embeddings: ``(B, C, h, w)`` mask-prompt (or no-mask) embedding.
             multimask_output: return the 3 multimask outputs instead of the single mask.
+            points: the point prompts ``(B, N, 2)`` xy input-frame pixels and ``(B, N)`` labels,
+                as given to the prompt encoder (read only with an instance code).
 
         Returns:
             mask logits ``(B, M, 4h, 4w)`` and predicted IoU ``(B, M)``, M = 3 or 1.
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, points
         )
         selected = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, selected], iou_pred[:, selected]
@@ -93,9 +114,11 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` outputs: logits ``(B, 4, 4h, 4w)`` and IoU ``(B, 4)``."""
         batch = sparse_prompt_embeddings.shape[0]
+        image_embeddings, code = self.split_embedding(image_embeddings)
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings.to(output_tokens.dtype)], 1)
@@ -124,7 +147,33 @@ class MaskDecoder(nn.Module):
             dim=1,
         )  # (B, num_mask_tokens, C / 8)
         masks = _cells_to_image(hyper_in @ cells.transpose(1, 2), h, w)
+        if code is not None and points is not None:
+            masks = masks + self.click_term(code, points, masks.shape[-2:])
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def split_embedding(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, C', h, w)`` -> the SAM embedding ``(B, transformer_dim, h, w)`` and the
+        instance code ``(B, D, H, W)`` (None without one)."""
+        if self.instance_dim == 0:
+            return embedding, None
+        c = self.transformer_dim
+        return embedding[:, :c], unpack_cells(embedding[:, c:], self.instance_dim)
+
+    def click_term(
+        self,
+        code: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor],
+        size: tuple[int, int] | torch.Size,
+        outputs: slice = slice(None),
+    ) -> torch.Tensor:
+        """The click-affinity logits ``(B, M, *size)`` of the chosen outputs (all by default)."""
+        positive, negative = click_affinity(code, points[0], points[1], self.input_image_size)
+        pos_scale = self.instance_pos_scale[outputs].view(1, -1, 1, 1)
+        neg_scale = self.instance_neg_scale[outputs].view(1, -1, 1, 1)
+        term = pos_scale * positive - neg_scale * negative
+        if term.shape[-2:] != tuple(size):
+            term = F.interpolate(term, size=tuple(size), mode="bilinear", align_corners=False)
+        return term
 
     def upscale(self, x: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` on a channels-last map: ``(B, h, w, C)`` -> ``(B, 4h, 4w, C/8)``."""

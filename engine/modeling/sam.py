@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from engine.modeling.image_encoder import Attention as VitAttention
 from engine.modeling.image_encoder import ImageEncoderViT
+from engine.modeling.instance_embedding import CODE_STRIDE
 from engine.modeling.mask_decoder import MaskDecoder
 from engine.modeling.prompt_encoder import PromptEncoder
 from engine.modeling.tiny_encoder import GlobalAttentionBlock, TinyImageEncoder
@@ -65,6 +66,17 @@ class Sam(nn.Module):
     def img_size(self) -> int:
         """Side of the square encoder input, pixels (1024 for ViT variants, 256 for tiny)."""
         return int(self.image_encoder.img_size)
+
+    @property
+    def image_embedding_shape(self) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one image's embedding as the encoder returns it: the prompt
+        width, plus the packed instance code's channels when the model has one."""
+        h, w = self.prompt_encoder.image_embedding_size
+        chans = self.prompt_encoder.embed_dim
+        if self.mask_decoder.instance_dim:
+            per_side = self.img_size // CODE_STRIDE // h
+            chans += per_side * per_side * self.mask_decoder.instance_dim
+        return chans, h, w
 
     @property
     def device(self) -> torch.device:
@@ -128,6 +140,7 @@ class Sam(nn.Module):
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
+                points=points,
             )
             masks = self.postprocess_masks(
                 low_res,

@@ -13,6 +13,9 @@ upscaling gives 128x128 low-res masks (``out_stride=4`` fuses onto the stride-4 
 - the stride-4 features are folded into the stride-8 grid (space-to-depth convolution) to keep
   boundary detail the 4x mask upscaling can use;
 - GroupNorm, not BatchNorm: training batches are a handful of images.
+
+``instance_dim > 0`` adds an :class:`~engine.modeling.instance_embedding.InstanceHead`: a
+stride-2 instance code packed after the embedding's channels (see that module).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.modeling.common import LayerNorm2d, MLPBlock
+from engine.modeling.instance_embedding import InstanceHead, pack_cells
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -107,6 +111,7 @@ class TinyImageEncoder(nn.Module):
         num_heads: int = 8,
         use_sdpa: bool = True,
         out_stride: int = 8,
+        instance_dim: int = 0,
     ) -> None:
         """
         Args:
@@ -120,6 +125,8 @@ class TinyImageEncoder(nn.Module):
             out_stride: 8 (the default) or 4: the grid the features are fused onto; 4 gives a
                 grid twice as fine (and low-res masks at the input's size) for ~4x the decoder
                 work.
+            instance_dim: channels of the stride-2 instance code (0: none); the output then
+                has ``out_chans + (out_stride / 2)**2 * instance_dim`` channels.
         """
         super().__init__()
         if img_size % 16:
@@ -156,9 +163,18 @@ class TinyImageEncoder(nn.Module):
             nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(out_chans),
         )
+        self.instance_dim = instance_dim
+        self.instance_head = (
+            InstanceHead(
+                embed_chans=out_chans, s4_chans=widths[1], s2_chans=widths[0], dim=instance_dim
+            )
+            if instance_dim > 0
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, S, S)`` normalised pixels -> ``(B, out_chans, S/8, S/8)`` embedding."""
+        """``(B, 3, S, S)`` normalised pixels -> ``(B, C, S/s, S/s)`` embedding (``s`` the out
+        stride; ``C`` is ``out_chans`` plus the packed instance code, if any)."""
         s2 = self.stages[0](x)
         s4 = self.stages[1](s2)
         s8 = self.stages[2](s4)
@@ -170,4 +186,8 @@ class TinyImageEncoder(nn.Module):
         if up > 1:
             mid = F.interpolate(mid, scale_factor=float(up), mode="nearest")
         context = F.interpolate(self.lateral_context(s16), scale_factor=2.0 * up, mode="nearest")
-        return self.neck(self.lateral_detail(s4) + mid + context)
+        embedding = self.neck(self.lateral_detail(s4) + mid + context)
+        if self.instance_head is None:
+            return embedding
+        code = self.instance_head(embedding, s4, s2)
+        return torch.cat([embedding, pack_cells(code, embedding.shape[-2:])], dim=1)

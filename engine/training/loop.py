@@ -69,6 +69,8 @@ class TrainConfig:
             image has fewer: the decoder sees more prompts per encoder pass, which is cheap.
         num_rounds: interactive rounds per mask (SAM: 11).
         no_point_rounds: rounds that add no new point (SAM: 2).
+        instance_loss_weight: weight of the instance code's discriminative loss (models with
+            a code, i.e. ``tiny``; see ``engine.training.losses.instance_loss``).
         max_points_per_round: each round that adds points adds 1 to this many per mask (SAM:
             1); with a few rounds, more lets the model see prompts of many clicks.
         lr: peak learning rate.
@@ -105,6 +107,7 @@ class TrainConfig:
     num_rounds: int = 11
     no_point_rounds: int = 2
     max_points_per_round: int = 1
+    instance_loss_weight: float = 1.0
     lr: float = 8e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.1
@@ -138,6 +141,10 @@ class TrainConfig:
                 f"num_rounds={self.num_rounds}, no_point_rounds={self.no_point_rounds}; expected "
                 "num_rounds >= 1 and 0 <= no_point_rounds < num_rounds"
             )
+        if not self.instance_loss_weight >= 0:
+            raise ConfigError(
+                f"TrainConfig.instance_loss_weight is {self.instance_loss_weight}; expected >= 0"
+            )
         if self.max_points_per_round < 1:
             raise ConfigError(
                 f"TrainConfig.max_points_per_round is {self.max_points_per_round}; expected >= 1"
@@ -155,6 +162,7 @@ class StepLog:
     loss: float
     mask_loss: float
     iou_loss: float
+    instance_loss: float
     first_iou: float
     last_iou: float
     lr: float
@@ -263,6 +271,7 @@ def train(
                 num_rounds=config.num_rounds,
                 no_point_rounds=config.no_point_rounds,
                 max_points_per_round=config.max_points_per_round,
+                instance_loss_weight=config.instance_loss_weight,
                 generator=generator,
                 freeze_image_encoder=config.freeze_image_encoder,
                 focal_alpha=config.focal_alpha,
@@ -299,6 +308,7 @@ def train(
                 loss=loss,
                 mask_loss=sim.mask_loss,
                 iou_loss=sim.iou_loss,
+                instance_loss=sim.instance_loss,
                 first_iou=sim.first_iou,
                 last_iou=sim.last_iou,
                 lr=lr,

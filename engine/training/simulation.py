@@ -29,6 +29,10 @@ upsamples every output to the input size first (the paper does not say which): t
 comparison over 4x (ViTs: 16x) the pixels, ~40% of a ``tiny`` step on a CPU. Error points are
 drawn at the input resolution either way.
 
+A model with an instance code (``tiny``) also learns the code: the discriminative loss of
+``engine.training.losses.instance_loss`` on every mask of the step, weighted by
+``instance_loss_weight`` and added once per step (the encoder runs once).
+
 Frames: everything is in the model's padded input square; points are xy pixels.
 """
 
@@ -40,7 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn import functional as F
 
-from engine.training.losses import FOCAL_WEIGHT, mask_iou, mask_loss
+from engine.training.losses import FOCAL_WEIGHT, instance_loss, mask_iou, mask_loss
 from engine.training.prompts import (
     PAD_LABEL,
     noisy_boxes,
@@ -62,9 +66,11 @@ class SimulationResult:
     """The loss of one step and what it measured.
 
     Attributes:
-        loss: scalar to backpropagate (mean over rounds of mask loss + IoU loss).
+        loss: scalar to backpropagate (mean over rounds of mask loss + IoU loss, plus the
+            weighted instance loss).
         mask_loss: mean focal*20 + dice of the kept outputs, float.
         iou_loss: mean MSE of the IoU head, float.
+        instance_loss: the instance code's discriminative loss, float (0 without a code).
         first_iou: mean IoU of the kept mask after the first prompt, float in [0, 1].
         last_iou: mean IoU after the last round, float in [0, 1].
         masks: number of masks simulated.
@@ -73,6 +79,7 @@ class SimulationResult:
     loss: torch.Tensor
     mask_loss: float
     iou_loss: float
+    instance_loss: float
     first_iou: float
     last_iou: float
     masks: int
@@ -113,6 +120,7 @@ def simulate_interactive(
     focal_gamma: float = 2.0,
     loss_at_low_res: bool = True,
     max_points_per_round: int = 1,
+    instance_loss_weight: float = 1.0,
 ) -> SimulationResult:
     """Run the simulation for a batch of masks and return the loss.
 
@@ -133,6 +141,8 @@ def simulate_interactive(
         max_points_per_round: each round that adds points adds, per mask, a number drawn
             uniformly from 1 to this, every one from the current error region (1: SAM's one
             point a round).
+        instance_loss_weight: weight of the instance code's loss (models with a code; not
+            taken with a frozen encoder).
     """
     no_point = no_point_round_indexes(num_rounds, no_point_rounds, generator)
     if freeze_image_encoder:
@@ -140,6 +150,12 @@ def simulate_interactive(
             embeddings = model.image_encoder(images)
     else:
         embeddings = model.image_encoder(images)
+    code = model.mask_decoder.split_embedding(embeddings)[1]
+    code_loss = (
+        instance_loss(code, gt, image_index)
+        if code is not None and not freeze_image_encoder and instance_loss_weight > 0
+        else None
+    )
     per_mask = embeddings[image_index]  # (M, C, h, w): one copy per prompt, shared gradient
     image_pe = model.prompt_encoder.get_dense_pe()
     size = gt.shape[-2:]
@@ -172,7 +188,9 @@ def simulate_interactive(
             labels = torch.cat([labels, new_labels], dim=1)
         sparse = model.prompt_encoder.embed_points(coords, labels, pad=False)
         dense = model.prompt_encoder.embed_dense((coords, labels), None, mask_prompt, batch=m)
-        low_res, iou_pred = model.mask_decoder.predict_masks(per_mask, image_pe, sparse, dense)
+        low_res, iou_pred = model.mask_decoder.predict_masks(
+            per_mask, image_pe, sparse, dense, (coords, labels)
+        )
         if r > 0:  # several prompts from here on: only the single-mask output
             low_res, iou_pred = low_res[:, :1], iou_pred[:, :1]
             valid = torch.ones((m, 1), dtype=torch.bool, device=gt.device)
@@ -203,10 +221,14 @@ def simulate_interactive(
         pred = F.interpolate(kept, size=size, mode="bilinear", align_corners=False)[:, 0] > 0
         round_ious.append(true_iou[rows, chosen].mean())
         mask_prompt = kept
+    loss = torch.stack(losses).mean()
+    if code_loss is not None:
+        loss = loss + instance_loss_weight * code_loss
     return SimulationResult(
-        loss=torch.stack(losses).mean(),
+        loss=loss,
         mask_loss=float(torch.stack(mask_terms).mean()),
         iou_loss=float(torch.stack(iou_terms).mean()),
+        instance_loss=float(code_loss.detach()) if code_loss is not None else 0.0,
         first_iou=float(round_ious[0]),
         last_iou=float(round_ious[-1]),
         masks=m,

@@ -86,6 +86,25 @@ def test_checkpoints_from_before_prompt_maps_still_load(tmp_path: Path) -> None:
     assert from_plain.prompt_encoder.prompt_map_embed is None
 
 
+def test_checkpoints_from_before_the_instance_code_still_load(tmp_path: Path) -> None:
+    # Such a checkpoint's build_args have no "instance_dim" key and its weights no code head.
+    old = build_sam("tiny", instance_dim=0)
+    path = tmp_path / "old.pt"
+    save_checkpoint(old, str(path))
+    payload = torch.load(path, weights_only=True)
+    del payload["build_args"]["instance_dim"]
+    torch.save(payload, path)
+    loaded, meta = load_checkpoint(str(path))
+    assert meta.build_args["instance_dim"] == 0
+    assert loaded.image_encoder.instance_head is None
+    assert loaded.image_embedding_shape == (128, 32, 32)
+    for dim in (0, 8):  # a plain state dict says by its code head's shape
+        plain = tmp_path / f"plain_{dim}.pth"
+        torch.save(build_sam("tiny", instance_dim=dim).state_dict(), plain)
+        from_plain, meta = load_checkpoint(str(plain))
+        assert meta.build_args["instance_dim"] == dim == from_plain.mask_decoder.instance_dim
+
+
 def test_plain_state_dict_of_a_stride_4_tiny_is_inferred(tmp_path: Path) -> None:
     model = build_sam("tiny", encoder_out_stride=4)
     path = tmp_path / "plain.pth"

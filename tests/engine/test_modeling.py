@@ -241,13 +241,18 @@ def _decode(model: Sam, embedding: torch.Tensor, multimask: bool, masks=None, n:
     labels = torch.tensor([[1, 0]] * n)
     sparse, dense = model.prompt_encoder(points=(points, labels), boxes=None, masks=masks)
     return model.mask_decoder(
-        embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=multimask
+        embedding,
+        model.prompt_encoder.get_dense_pe(),
+        sparse,
+        dense,
+        multimask_output=multimask,
+        points=(points, labels),
     )
 
 
 @torch.no_grad()
 def test_multimask_and_single_mask_shapes(tiny: Sam) -> None:
-    embedding = torch.randn(1, 128, 32, 32)
+    embedding = torch.randn(1, *tiny.image_embedding_shape)
     low_res, iou = _decode(tiny, embedding, multimask=True)
     assert low_res.shape == (5, 3, 128, 128) and iou.shape == (5, 3)
     single, single_iou = _decode(tiny, embedding, multimask=False)
@@ -266,7 +271,7 @@ def test_multimask_and_single_mask_shapes(tiny: Sam) -> None:
 
 @torch.no_grad()
 def test_mask_prompt_changes_the_output(tiny: Sam) -> None:
-    embedding = torch.randn(1, 128, 32, 32)
+    embedding = torch.randn(1, *tiny.image_embedding_shape)
     plain, _ = _decode(tiny, embedding, multimask=False, n=1)
     mask_a = torch.full((1, 1, 128, 128), -8.0)
     mask_a[..., 20:80, 30:90] = 8.0
@@ -288,7 +293,7 @@ def test_channels_last_upscaling_equals_the_conv_transpose_stack(tiny: Sam) -> N
 
 @torch.no_grad()
 def test_one_embedding_per_prompt_equals_a_shared_embedding(tiny: Sam) -> None:
-    embedding = torch.randn(1, 128, 32, 32)
+    embedding = torch.randn(1, *tiny.image_embedding_shape)
     shared, shared_iou = _decode(tiny, embedding, multimask=True, n=3)
     per_prompt, per_iou = _decode(tiny, embedding.expand(3, -1, -1, -1), multimask=True, n=3)
     torch.testing.assert_close(per_prompt, shared)
@@ -345,7 +350,8 @@ def test_tiny_encoder_output_and_gradients(stride: int) -> None:
     model = build_sam("tiny", encoder_out_stride=stride).train()
     embedding = model.image_encoder(torch.randn(2, 3, 256, 256))
     grid = 256 // stride
-    assert embedding.shape == (2, 128, grid, grid)
+    assert embedding.shape == (2, *model.image_embedding_shape)
+    assert model.image_embedding_shape == (128 + (128 // grid) ** 2 * 16, grid, grid)
     assert model.prompt_encoder.image_embedding_size == (grid, grid)
     assert model.prompt_encoder.mask_input_size == (4 * grid, 4 * grid)
     embedding.square().mean().backward()
@@ -422,7 +428,7 @@ def test_factored_attention_forms_equal_the_plain_form(bq: int, nq: int, bk: int
 
 @torch.no_grad()
 def test_decoder_forms_agree_on_a_batch_of_prompts(tiny: Sam) -> None:
-    embedding = torch.randn(1, 128, 32, 32)
+    embedding = torch.randn(1, *tiny.image_embedding_shape)
     fast = _decode(tiny, embedding, multimask=True, n=6)
     try:
         for module in tiny.modules():

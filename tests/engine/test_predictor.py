@@ -255,7 +255,7 @@ def test_cache_backed_by_the_mask_store(model: Sam, image: np.ndarray, tmp_path:
     predictor = SamPredictor(model)
     EmbeddingCache("tiny-v1", store=store).get_or_compute("img-a", image, predictor)
     stored = store.load_embedding("img-a", "tiny-v1")
-    assert stored is not None and stored[0].shape == (128, 32, 32)
+    assert stored is not None and stored[0].shape == model.image_embedding_shape
     assert stored[1:] == ((300, 400), (192, 256))
 
     fresh = EmbeddingCache("tiny-v1", store=store)  # e.g. after a restart
@@ -279,7 +279,10 @@ def test_cache_recomputes_an_embedding_of_another_shape(
     cache = EmbeddingCache("v1", store=store)
     predictor = SamPredictor(model)
     cache.get_or_compute("img-a", image, predictor)
-    assert cache.stats.computed == 1 and predictor.get_image_embedding().shape == (1, 128, 32, 32)
+    assert cache.stats.computed == 1 and predictor.get_image_embedding().shape == (
+        1,
+        *model.image_embedding_shape,
+    )
 
 
 def test_cache_arguments_are_checked() -> None:

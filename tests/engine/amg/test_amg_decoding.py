@@ -21,18 +21,18 @@ def tiny():
 
 def test_point_decoder_equals_the_mask_decoder(tiny) -> None:
     torch.manual_seed(1)
-    embedding = torch.randn(1, 128, 32, 32)
+    embedding = torch.randn(1, *tiny.image_embedding_shape)  # with the packed instance code
     points = torch.rand(10, 2) * 256
+    clicks = (points[:, None], torch.ones(10, 1, dtype=torch.int64))
     with torch.inference_mode():
-        sparse, dense = tiny.prompt_encoder(
-            points=(points[:, None], torch.ones(10, 1, dtype=torch.int64)), boxes=None, masks=None
-        )
+        sparse, dense = tiny.prompt_encoder(points=clicks, boxes=None, masks=None)
         low_res, iou = tiny.mask_decoder(
             image_embeddings=embedding,
             image_pe=tiny.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=True,
+            points=clicks,
         )
     decoder = PointDecoder(tiny, embedding, 86, 128)
     assert decoder.low_res_size == (88, 128)  # whole embedding cells: 22 of 32 rows

@@ -82,7 +82,7 @@ def _two_rounds(
     images: torch.Tensor,
     gt: torch.Tensor,
     index: torch.Tensor,
-    **options: bool,
+    **options: bool | float,
 ) -> SimulationResult:
     """Two rounds (the second with an error point) on fixed prompts (generator seed 0)."""
     return simulate_interactive(
@@ -106,6 +106,21 @@ def test_simulation_reports_each_term() -> None:
     assert sim.loss.requires_grad and torch.isfinite(sim.loss)
     assert 0 <= sim.first_iou <= 1 and 0 <= sim.last_iou <= 1
     assert sim.mask_loss > 0 and sim.iou_loss >= 0
+    assert sim.instance_loss > 0  # tiny learns an instance code
+
+
+def test_the_instance_loss_joins_the_step_loss_at_its_weight() -> None:
+    model = _small_model().train()
+    rng = np.random.default_rng(2)
+    images, gt, index = collate([_data().sample(rng)], model, 3, rng)
+    without = _two_rounds(model, images, gt, index, instance_loss_weight=0.0)
+    weighted = _two_rounds(model, images, gt, index, instance_loss_weight=2.0)
+    assert without.instance_loss == 0.0 and weighted.instance_loss > 0
+    added = float((weighted.loss - without.loss).detach())
+    assert added == pytest.approx(2.0 * weighted.instance_loss, rel=1e-4)
+    # A frozen encoder cannot learn its code: no term.
+    frozen = _two_rounds(model, images, gt, index, freeze_image_encoder=True)
+    assert frozen.instance_loss == 0.0
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -176,7 +191,10 @@ def test_resume_continues_the_same_run(tmp_path) -> None:
     for (name, a), (_, b) in zip(
         straight.state_dict().items(), resumed.state_dict().items(), strict=True
     ):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        # CPU convolution backward is not bit-reproducible across runs (two straight runs of
+        # this config differ by up to ~1.3e-5); a lost optimizer state or a shifted schedule
+        # moves weights by ~1e-3 (one Adam step at lr 1e-3), far outside this tolerance.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=name)
     for a, b in zip(
         result.optimizer_state["state"].values(),
         rest.optimizer_state["state"].values(),
@@ -259,3 +277,5 @@ def test_minutes_budget_and_bad_configs() -> None:
         TrainConfig(images_per_step=0)
     with pytest.raises(ConfigError, match="max_points_per_round"):
         TrainConfig(max_points_per_round=0)
+    with pytest.raises(ConfigError, match="instance_loss_weight"):
+        TrainConfig(instance_loss_weight=-1.0)
