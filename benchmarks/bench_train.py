@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         "--instance-loss-weight", type=float, default=1.0, help="TrainConfig.instance_loss_weight"
     )
     parser.add_argument(
+        "--iou-loss-weight", type=float, default=1.0, help="TrainConfig.iou_loss_weight"
+    )
+    parser.add_argument(
         "--instance-dim", type=int, default=None, help="tiny's instance code channels (16; 0: none)"
     )
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         no_point_rounds=no_point_rounds_for(args.num_rounds),
         max_points_per_round=args.max_points_per_round,
         instance_loss_weight=args.instance_loss_weight,
+        iou_loss_weight=args.iou_loss_weight,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         seed=args.seed,

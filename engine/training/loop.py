@@ -71,6 +71,8 @@ class TrainConfig:
         no_point_rounds: rounds that add no new point (SAM: 2).
         instance_loss_weight: weight of the instance code's discriminative loss (models with
             a code, i.e. ``tiny``; see ``engine.training.losses.instance_loss``).
+        iou_loss_weight: weight of the IoU head's MSE against the mask loss (SAM: 1); the
+            generator's confidence gates read that head.
         max_points_per_round: each round that adds points adds 1 to this many per mask (SAM:
             1); with a few rounds, more lets the model see prompts of many clicks.
         lr: peak learning rate.
@@ -108,6 +110,7 @@ class TrainConfig:
     no_point_rounds: int = 2
     max_points_per_round: int = 1
     instance_loss_weight: float = 1.0
+    iou_loss_weight: float = 1.0
     lr: float = 8e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.1
@@ -140,6 +143,10 @@ class TrainConfig:
             raise ConfigError(
                 f"num_rounds={self.num_rounds}, no_point_rounds={self.no_point_rounds}; expected "
                 "num_rounds >= 1 and 0 <= no_point_rounds < num_rounds"
+            )
+        if not self.iou_loss_weight >= 0:
+            raise ConfigError(
+                f"TrainConfig.iou_loss_weight is {self.iou_loss_weight}; expected >= 0"
             )
         if not self.instance_loss_weight >= 0:
             raise ConfigError(
@@ -272,6 +279,7 @@ def train(
                 no_point_rounds=config.no_point_rounds,
                 max_points_per_round=config.max_points_per_round,
                 instance_loss_weight=config.instance_loss_weight,
+                iou_loss_weight=config.iou_loss_weight,
                 generator=generator,
                 freeze_image_encoder=config.freeze_image_encoder,
                 focal_alpha=config.focal_alpha,

@@ -121,6 +121,7 @@ def simulate_interactive(
     loss_at_low_res: bool = True,
     max_points_per_round: int = 1,
     instance_loss_weight: float = 1.0,
+    iou_loss_weight: float = 1.0,
 ) -> SimulationResult:
     """Run the simulation for a batch of masks and return the loss.
 
@@ -143,6 +144,7 @@ def simulate_interactive(
             point a round).
         instance_loss_weight: weight of the instance code's loss (models with a code; not
             taken with a frozen encoder).
+        iou_loss_weight: weight of the IoU head's MSE against the mask loss (SAM: 1).
     """
     no_point = no_point_round_indexes(num_rounds, no_point_rounds, generator)
     if freeze_image_encoder:
@@ -212,7 +214,7 @@ def simulate_interactive(
         inf = torch.full_like(per_output, float("inf"))
         best_loss = torch.where(valid, per_output, inf).min(dim=1).values
         iou_mse = ((iou_pred - true_iou) ** 2 * valid).sum(1) / valid.sum(1)
-        losses.append((best_loss + iou_mse).mean())
+        losses.append((best_loss + iou_loss_weight * iou_mse).mean())
         mask_terms.append(best_loss.detach().mean())
         iou_terms.append(iou_mse.detach().mean())
         # Carry forward the output the model itself rates best (it cannot see the ground truth).

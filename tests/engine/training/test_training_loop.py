@@ -123,6 +123,17 @@ def test_the_instance_loss_joins_the_step_loss_at_its_weight() -> None:
     assert frozen.instance_loss == 0.0
 
 
+def test_the_iou_loss_joins_the_step_loss_at_its_weight() -> None:
+    model = _small_model().train()
+    rng = np.random.default_rng(3)
+    images, gt, index = collate([_data().sample(rng)], model, 3, rng)
+    without = _two_rounds(model, images, gt, index, iou_loss_weight=0.0)
+    weighted = _two_rounds(model, images, gt, index, iou_loss_weight=10.0)
+    assert weighted.iou_loss == pytest.approx(without.iou_loss) and weighted.iou_loss > 0
+    added = float((weighted.loss - without.loss).detach())
+    assert added == pytest.approx(10.0 * weighted.iou_loss, rel=1e-4)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_low_res_loss_measures_what_the_full_resolution_loss_does(seed: int) -> None:
     # Same model, masks and prompts: the loss on the low-res grid against pooled targets and the
@@ -279,3 +290,5 @@ def test_minutes_budget_and_bad_configs() -> None:
         TrainConfig(max_points_per_round=0)
     with pytest.raises(ConfigError, match="instance_loss_weight"):
         TrainConfig(instance_loss_weight=-1.0)
+    with pytest.raises(ConfigError, match="iou_loss_weight"):
+        TrainConfig(iou_loss_weight=-1.0)
