@@ -14,8 +14,10 @@ image goes in once for the whole batch (no mask prompt), and the upscaling runs 
 
 Uses the decoder's own modules (``iou_token``, ``mask_tokens``, ``transformer``,
 ``output_upscaling``, ``output_hypernetworks_mlps``, ``iou_prediction_head``, and
-``click_term`` for a model with an instance code), so it computes what
-``MaskDecoder.forward(..., multimask_output=True)`` computes for single positive points.
+``click_term`` and ``score_masks`` for a model with an instance code), so it computes what
+``MaskDecoder.forward(..., multimask_output=True)`` computes for single positive points. A
+decoder that scores masks from their logits (``iou_from_mask``) needs every prompt's logits on
+the whole low-res grid before the IoU gate; :meth:`PointDecoder.run` computes them then.
 """
 
 from __future__ import annotations
@@ -94,7 +96,16 @@ class PointDecoder:
         iou = decoder.iou_prediction_head(hs[:, 0, :])
         mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
         image_tokens = keys.reshape(batch, h, w, c)  # channels-last
-        return DecodedPrompts(iou[:, 1:], mask_tokens, image_tokens, coords)
+        decoded = DecodedPrompts(iou[:, 1:], mask_tokens, image_tokens, coords)
+        if decoder.iou_from_mask is not None:
+            prompts = torch.arange(batch, device=coords.device)
+            scores = []
+            for start in range(0, batch, _UPSCALE_CHUNK):
+                chunk = prompts[start : start + _UPSCALE_CHUNK]
+                logits = self._multimask_logits(decoded, chunk, whole_grid=True)
+                scores.append(decoder.score_masks(iou[chunk, 1:], logits, slice(1, 4)))
+            decoded.iou_predictions = torch.cat(scores)
+        return decoded
 
     @torch.inference_mode()
     def low_res_logits(
@@ -118,9 +129,12 @@ class PointDecoder:
             out[picked] = logits[inverse[picked] - start, output_index[picked]]
         return out
 
-    def _multimask_logits(self, decoded: DecodedPrompts, prompts: torch.Tensor) -> torch.Tensor:
+    def _multimask_logits(
+        self, decoded: DecodedPrompts, prompts: torch.Tensor, *, whole_grid: bool = False
+    ) -> torch.Tensor:
         decoder = self.model.mask_decoder
-        src = decoded.image_tokens[prompts, : self._rows, : self._cols, :]
+        rows, cols = decoded.image_tokens.shape[1:3] if whole_grid else (self._rows, self._cols)
+        src = decoded.image_tokens[prompts, :rows, :cols, :]
         # The decoder's upscaling leaves output pixels in cell order; the (3x smaller) masks
         # are put back in image order below.
         cells = decoder.upscale_cells(src)  # (P, 16 rows cols, C / 8)
@@ -129,7 +143,7 @@ class PointDecoder:
         hyper = torch.stack(
             [decoder.output_hypernetworks_mlps[t](tokens[:, t, :]) for t in range(1, 4)], dim=1
         )  # (P, 3, C / 8)
-        logits = _cells_to_image(hyper @ cells.transpose(1, 2), self._rows, self._cols)
+        logits = _cells_to_image(hyper @ cells.transpose(1, 2), rows, cols)
         if self._code is not None:  # the click affinity, on the whole low-res grid then cropped
             coords = decoded.point_coords[prompts]
             labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=coords.device)

@@ -8,11 +8,15 @@ tokens 1..3 are the multimask outputs for ambiguous prompts (whole, part, sub-pa
 With ``instance_dim > 0`` (``tiny``) the image embedding carries a packed instance code after its
 ``transformer_dim`` channels, and every output gets a click-affinity term on its logits (see
 ``engine.modeling.instance_embedding``); the decoder then needs the clicks themselves
-(``points``), not only their tokens.
+(``points``), not only their tokens. Such a decoder also scores each output from its own logits
+(``iou_from_mask`` on :func:`mask_statistics`, added to the IoU token's prediction): once the
+click term shapes the masks, the IoU token barely varies from prompt to prompt, and a head that
+reads it alone learns each output's mean IoU and nothing per mask.
 """
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
@@ -78,6 +82,15 @@ class MaskDecoder(nn.Module):
             # adds to the mask; 3 makes a pixel at the margin's end flip sign at init.
             self.instance_pos_scale = nn.Parameter(torch.full((self.num_mask_tokens,), 3.0))
             self.instance_neg_scale = nn.Parameter(torch.full((self.num_mask_tokens,), 3.0))
+        # Mask-aware IoU: statistics of an output's logits and which output it is -> a
+        # correction to the token's IoU; zero at init, so it starts as SAM's head.
+        self.iou_from_mask: MLP | None = None
+        if instance_dim > 0:
+            self.iou_from_mask = MLP(MASK_STATISTICS + self.num_mask_tokens, 64, 1, 3)
+            last = self.iou_from_mask.layers[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(
         self,
@@ -149,7 +162,20 @@ class MaskDecoder(nn.Module):
         masks = _cells_to_image(hyper_in @ cells.transpose(1, 2), h, w)
         if code is not None and points is not None:
             masks = masks + self.click_term(code, points, masks.shape[-2:])
-        return masks, self.iou_prediction_head(iou_token_out)
+        return masks, self.score_masks(self.iou_prediction_head(iou_token_out), masks)
+
+    def score_masks(
+        self, iou_pred: torch.Tensor, logits: torch.Tensor, outputs: slice = slice(None)
+    ) -> torch.Tensor:
+        """The predicted IoU ``(B, M)`` of outputs ``outputs`` given the token's prediction
+        ``iou_pred`` and their low-res logits ``(B, M, H, W)`` (unchanged without
+        ``iou_from_mask``). The statistics are detached: the IoU loss trains this head only."""
+        if self.iou_from_mask is None:
+            return iou_pred
+        stats = mask_statistics(logits.detach())
+        which = torch.eye(self.num_mask_tokens, device=stats.device, dtype=stats.dtype)[outputs]
+        features = torch.cat([stats, which.expand(stats.shape[0], -1, -1)], dim=-1)
+        return iou_pred + self.iou_from_mask(features)[..., 0].to(iou_pred.dtype)
 
     def split_embedding(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, C', h, w)`` -> the SAM embedding ``(B, transformer_dim, h, w)`` and the
@@ -227,3 +253,31 @@ def _cells_to_image(cells: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def is_batch_broadcast(x: torch.Tensor) -> bool:
     """Whether every batch entry of ``x`` is the same memory (an ``expand``-ed tensor)."""
     return x.shape[0] == 1 or x.stride(0) == 0
+
+
+#: Number of features :func:`mask_statistics` gives each mask.
+MASK_STATISTICS = 6
+
+
+def mask_statistics(logits: torch.Tensor) -> torch.Tensor:
+    """Features of low-res mask logits ``(B, M, H, W)`` that tell a good mask from a bad one:
+    ``(B, M, 6)`` area fraction, log area, stability (pixels above +1 over pixels above -1),
+    the share of those in the uncertain band (-1, 1], mean confidence inside the mask
+    (``tanh(logit / 4)``), and the log of the boundary's length over a square's of that area
+    (fragmented masks score high)."""
+    values = logits.float()
+    inside = values > 0
+    n = values.shape[-2] * values.shape[-1]
+    flat = values.flatten(2)
+    area = inside.flatten(2).sum(-1).float()
+    high = (flat > 1).sum(-1).float()
+    low = (flat > -1).sum(-1).float()
+    stability = torch.where(low > 0, high / low.clamp(min=1), torch.ones_like(low))
+    band = torch.where(low > 0, (low - high) / low.clamp(min=1), torch.zeros_like(low))
+    confidence = torch.tanh(F.relu(flat) / 4).sum(-1) / area.clamp(min=1)
+    edges = (inside[..., 1:, :] != inside[..., :-1, :]).flatten(2).sum(-1) + (
+        inside[..., :, 1:] != inside[..., :, :-1]
+    ).flatten(2).sum(-1)
+    ragged = torch.log1p(edges.float() / (4 * area.sqrt()).clamp(min=1))
+    log_area = torch.log1p(area) / math.log1p(n)
+    return torch.stack([area / n, log_area, stability, band, confidence, ragged], dim=-1)

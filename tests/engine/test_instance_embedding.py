@@ -13,6 +13,7 @@ from engine.modeling.instance_embedding import (
     pack_cells,
     unpack_cells,
 )
+from engine.modeling.mask_decoder import MASK_STATISTICS, mask_statistics
 from engine.training.losses import instance_loss
 
 
@@ -102,3 +103,40 @@ def test_a_model_without_a_code_has_the_plain_embedding() -> None:
     assert model.image_embedding_shape == (128, 32, 32)
     assert model.image_encoder(torch.randn(1, 3, 256, 256)).shape == (1, 128, 32, 32)
     assert model.mask_decoder.split_embedding(torch.randn(1, 128, 32, 32))[1] is None
+
+
+def test_mask_statistics_tell_a_clean_mask_from_a_ragged_one() -> None:
+    clean = torch.full((16, 16), -8.0)
+    clean[4:12, 4:12] = 8.0  # a sharp 8x8 square
+    ragged = torch.full((16, 16), -8.0)
+    ragged[::2, ::2] = 0.5  # 64 scattered, barely positive pixels
+    stats = mask_statistics(torch.stack([clean, ragged])[None])
+    assert stats.shape == (1, 2, MASK_STATISTICS)
+    area, _, stability, band, confidence, boundary = stats[0].unbind(-1)
+    torch.testing.assert_close(area, torch.tensor([0.25, 0.25]))
+    assert stability[0] == 1.0 and stability[1] == 0.0  # nothing of the ragged one above +1
+    assert band[0] == 0.0 and band[1] == 1.0
+    assert confidence[0] > 0.9 > 0.2 > confidence[1]
+    assert boundary[1] > boundary[0] + 1.0
+
+
+def test_the_mask_aware_iou_head_starts_as_the_token_head_and_reads_the_logits() -> None:
+    torch.manual_seed(0)
+    decoder = build_sam("tiny", image_size=64).mask_decoder
+    assert decoder.iou_from_mask is not None
+    token_iou = torch.rand(2, 4)
+    logits = torch.randn(2, 4, 16, 16) * 4
+    torch.testing.assert_close(decoder.score_masks(token_iou, logits), token_iou)  # zero at init
+    with torch.no_grad():
+        decoder.iou_from_mask.layers[-1].weight.normal_()
+    moved = decoder.score_masks(token_iou, logits)
+    assert not torch.allclose(moved, token_iou)
+    # Each output is scored from its own logits and its index: scoring outputs 1..3 alone
+    # gives what scoring all four gives for them (the generator scores only those).
+    torch.testing.assert_close(
+        decoder.score_masks(token_iou[:, 1:], logits[:, 1:], slice(1, 4)), moved[:, 1:]
+    )
+    # A model without an instance code keeps SAM's head.
+    plain = build_sam("tiny", image_size=64, instance_dim=0).mask_decoder
+    assert plain.iou_from_mask is None
+    assert plain.score_masks(token_iou, logits) is token_iou
