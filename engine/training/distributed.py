@@ -22,6 +22,7 @@ __all__ = [
     "average_gradients",
     "broadcast_parameters",
     "init_from_env",
+    "leave_process_group",
     "mean_across_ranks",
     "rank_and_world",
     "rank_zero_decides",
@@ -46,6 +47,14 @@ def init_from_env() -> torch.device:
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return device or torch.device("cpu")
+
+
+def leave_process_group() -> None:
+    """Tear down the process group after the last collective (no-op without one). A rank that
+    exits with Gloo's threads still running can abort (SIGABRT, "terminate called without an
+    active exception"), which fails the whole ``torchrun`` job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def broadcast_parameters(module: torch.nn.Module) -> None:

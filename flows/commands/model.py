@@ -112,7 +112,7 @@ def train(
     from engine.registry import ModelRegistry
     from engine.training import StoreTrainingData, TrainConfig, no_point_rounds_for
     from engine.training import train as run_training
-    from engine.training.distributed import init_from_env, rank_and_world
+    from engine.training.distributed import init_from_env, leave_process_group, rank_and_world
     from storage.errors import ConfigError
     from storage.mask_store import MaskStore
 
@@ -161,6 +161,7 @@ def train(
         checkpoint_meta={"parent": parent, "trained_on": trained_on},
         progress=rank == 0,
     )
+    leave_process_group()  # training held the last collective
     if rank != 0:
         return  # rank 0 holds the same weights and does the rest
     metrics = parent_metrics = None
