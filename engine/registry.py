@@ -15,9 +15,12 @@ Card fields::
                               parent on the same holdout (null when not measured)
     promoted                  bool
     promotion                 the last decision: {promoted, regressions, reason, decided_at}
+    calibration               the generator's gates fitted to this model on the holdout
+                              (``engine.amg.calibration.GateCalibration.to_dict()``), or null
     created_at, extra
 
-The card is written after the checkpoint, so a version is visible only once both exist.
+The card is written after the checkpoint, so a version is visible only once both exist. Besides the
+promotion record, only ``calibration`` is ever added to a card, once, by :meth:`set_calibration`.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class ModelCard:
     parent_metrics: dict[str, Any] | None = None
     promoted: bool = False
     promotion: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
     created_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -180,6 +184,13 @@ class ModelRegistry:
         return card
 
     # ---------------------------------------------------------------------------------- reading
+
+    def set_calibration(self, version: str, calibration: dict[str, Any]) -> ModelCard:
+        """Record the generator's gate calibration of ``version`` in its card; returns the card."""
+        card = self.get(version)
+        card.calibration = dict(calibration)
+        self._write_card(card)
+        return card
 
     def versions(self) -> list[ModelCard]:
         """Every registered version, oldest first."""

@@ -87,7 +87,7 @@ class SourceConfig(_Section):
     pool_images: int | None = Field(
         default=None, ge=1, description="synthetic: pool size; default: what the stages consume"
     )
-    holdout_images: int = Field(default=8, ge=1, description="synthetic: holdout images")
+    holdout_images: int = Field(default=16, ge=1, description="synthetic: holdout images")
     image_size: int = Field(
         default=256, ge=32, le=2048, description="synthetic: image side, pixels"
     )
@@ -217,8 +217,9 @@ class AnnotatorConfig(_Section):
     ``seconds_per_click`` x clicks + ``brush_seconds`` when the click budget ran out and the
     rest was painted by hand. An accepted stage-2 prediction costs ``accept_seconds``, a deleted
     one ``reject_seconds``. A person spends at most ``image_budget_s`` on one image, labels
-    objects in order of prominence (largest first) and moves to the next image after a mask that
-    took over ``move_on_after_s``, so a better model means more masks per image.
+    objects in order of prominence (largest first) and, in stage 1, moves to the next image
+    after a mask that took over ``move_on_after_s``, so a better model means more masks per image;
+    in stage 2 people add every missing object they can within the image budget (the paper).
     """
 
     kind: Literal["simulated", "label_studio"] = "simulated"
@@ -231,7 +232,9 @@ class AnnotatorConfig(_Section):
     reject_seconds: float = Field(default=1.0, ge=0)
     image_budget_s: float = Field(default=90.0, gt=0)
     move_on_after_s: float = Field(
-        default=30.0, gt=0, description="next image after a mask that took longer (SA-1B's rule)"
+        default=30.0,
+        gt=0,
+        description="stage 1: next image after a mask that took longer (SA-1B's rule)",
     )
     name: str = Field(default="simulated", description="annotator name stored with each mask")
 
@@ -254,6 +257,11 @@ class Stage2Config(_StageBase):
     points_per_side: int = Field(default=12, ge=1)
     pred_iou_thresh: float = Field(default=0.93, ge=0, le=1.5)
     stability_score_thresh: float = Field(default=0.95, ge=0, le=1)
+    calibrate_gates: bool = Field(
+        default=True,
+        description="apply the gates to the model's predicted IoU calibrated on the holdout "
+        "(and SAM's stability offset scaled to its input size); false: SAM's raw gates",
+    )
 
 
 class Stage3Config(_StageBase):
@@ -264,7 +272,14 @@ class Stage3Config(_StageBase):
     points_per_side: int = Field(default=16, ge=1)
     pred_iou_thresh: float = Field(default=0.88, ge=0, le=1.5)
     stability_score_thresh: float = Field(default=0.95, ge=0, le=1)
-    crop_n_layers: int = Field(default=0, ge=0, le=3)
+    calibrate_gates: bool = Field(
+        default=True,
+        description="apply the gates to the model's predicted IoU calibrated on the holdout "
+        "(and SAM's stability offset scaled to its input size); false: SAM's raw gates",
+    )
+    crop_n_layers: int = Field(
+        default=1, ge=0, le=3, description="zoomed crop layers (the paper's run: 2 at 1500 px)"
+    )
     min_mask_region_area: int = Field(default=20, ge=0)
     max_mask_region_fraction: float | None = Field(default=0.95, gt=0, le=1)
     workers: int | None = Field(

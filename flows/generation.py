@@ -24,7 +24,8 @@ __all__ = ["GeneratorSettings", "generate_records"]
 
 @dataclass(frozen=True)
 class GeneratorSettings:
-    """The generator arguments a stage sets (names and meanings of SAM's generator)."""
+    """The generator arguments a stage sets (names and meanings of SAM's generator, plus the
+    model's gate calibration: see :mod:`engine.amg.calibration`)."""
 
     points_per_side: int = 16
     pred_iou_thresh: float = 0.88
@@ -33,9 +34,13 @@ class GeneratorSettings:
     min_mask_region_area: int = 0
     max_mask_region_fraction: float | None = 0.95
     points_per_batch: int = 64
+    stability_score_offset: float = 1.0
+    iou_calibration: dict[str, Any] | None = None
 
     def kwargs(self) -> dict[str, Any]:
         return {
+            "stability_score_offset": self.stability_score_offset,
+            "iou_calibration": self.iou_calibration,
             "points_per_side": self.points_per_side,
             "pred_iou_thresh": self.pred_iou_thresh,
             "stability_score_thresh": self.stability_score_thresh,

@@ -232,6 +232,7 @@ def prelabel_masks(
     from flows.generation import GeneratorSettings, generate_records
 
     s2 = config.stage2
+    gates = _calibrated_gates(config, version) if s2.calibrate_gates else {}
     records = generate_records(
         store_for(config),
         registry_for(config).load(version),
@@ -240,6 +241,7 @@ def prelabel_masks(
             points_per_side=s2.points_per_side,
             pred_iou_thresh=s2.pred_iou_thresh,
             stability_score_thresh=s2.stability_score_thresh,
+            **gates,
         ),
         stage=2,
         round=round,
@@ -270,6 +272,7 @@ def generate_auto_masks(
 
     s3 = config.stage3
     store = store_for(config)
+    gates = _calibrated_gates(config, version) if s3.calibrate_gates else {}
     job = Stage3Job(
         root=config.root,
         model=resolve_model(version, root=config.root, endpoint_url=config.endpoint_url),
@@ -283,6 +286,7 @@ def generate_auto_masks(
             "crop_n_points_downscale_factor": 2 if s3.crop_n_layers else 1,
             "min_mask_region_area": s3.min_mask_region_area,
             "max_mask_region_fraction": s3.max_mask_region_fraction,
+            **gates,
         },
         endpoint_url=config.endpoint_url,
     )
@@ -308,6 +312,30 @@ def generate_auto_masks(
         "masks_new": summary.masks_written,
         "skipped": skipped,
     }
+
+
+def _calibrated_gates(config: EngineConfig, version: str) -> dict[str, Any]:
+    """Generator arguments that fit SAM's gates to ``version`` (fitted on the holdout once)."""
+    from flows.sources import holdout_samples
+    from flows.versions import gate_calibration
+
+    store = store_for(config)
+    calibration = gate_calibration(
+        registry_for(config),
+        version,
+        lambda: holdout_samples(
+            store, max_objects_per_image=config.evaluation.max_objects_per_image
+        ),
+    )
+    get_run_logger().info(
+        "%s gates: predicted IoU calibrated on %d holdout masks of %d images, stability "
+        "offset %.2f",
+        version,
+        calibration.masks,
+        calibration.images,
+        calibration.stability_score_offset,
+    )
+    return calibration.generator_kwargs()
 
 
 # No task retries: Label Studio requests are retried by its client, and a round that timed out

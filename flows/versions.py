@@ -14,13 +14,14 @@ never lacks the metrics its promotion needs.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from storage.errors import ImageError
 
 if TYPE_CHECKING:
+    from engine.amg.calibration import GateCalibration
     from engine.evaluation.interactive import EvalSample
     from engine.evaluation.metrics import InteractiveMetrics
     from engine.registry import ModelCard, ModelRegistry
@@ -33,6 +34,7 @@ __all__ = [
     "base_version",
     "evaluate_on_holdout",
     "find_version",
+    "gate_calibration",
     "pretraining_data",
     "promote_version",
     "retrain_version",
@@ -189,6 +191,27 @@ def promote_version(
 ) -> ModelCard:
     """Promote ``version`` if it is not worse than its parent (within the tolerances)."""
     return registry.promote(version, miou_tolerance=miou_tolerance, noc_tolerance=noc_tolerance)
+
+
+def gate_calibration(
+    registry: ModelRegistry, version: str, holdout: Callable[[], Sequence[EvalSample]]
+) -> GateCalibration:
+    """The generator's gates fitted to ``version`` on the holdout (``holdout()`` gives it, read
+    only when needed): fitted once and kept in the card, so a rerun, or the next stage using the
+    same version, reads them back."""
+    from engine.amg.calibration import GateCalibration, fit_gate_calibration
+
+    card = registry.get(version)
+    if card.calibration is not None:
+        return GateCalibration.from_dict(card.calibration)
+    samples = holdout()
+    if not samples:
+        raise ImageError(
+            f"the holdout has no images with ground truth; cannot calibrate {version}'s gates"
+        )
+    calibration = fit_gate_calibration(registry.load(version), samples)
+    registry.set_calibration(version, calibration.to_dict())
+    return calibration
 
 
 def _train_config(budget: TrainingBudget, seed: int) -> Any:

@@ -34,7 +34,7 @@ pixels, one more than the public code's ``x1 - x0``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from engine.amg.boxes import masks_to_boxes_xyxy, xyxy_inclusive_to_xywh
+from engine.amg.calibration import IouCalibration
 from engine.amg.crops import box_near_crop_edge, crop_box_xywh, generate_crop_boxes
 from engine.amg.decoding import PointDecoder
 from engine.amg.nms import nms
@@ -153,6 +154,10 @@ class AutomaticMaskGenerator:
         output_mode: "coco_rle" (``{"size", "counts": str}``), "binary_mask" (``(H, W)`` bool)
             or "uncompressed_rle" (``{"size", "counts": list[int]}``).
         upsample_pixels: logit pixels upsampled at once (4 bytes each): the memory bound.
+        iou_calibration: a map from the IoU head's answer to the expected IoU
+            (:class:`engine.amg.calibration.IouCalibration`, or its ``to_dict()``), fitted for
+            this model on holdout images; ``pred_iou_thresh`` and the returned
+            ``predicted_iou`` are then in expected IoU. None: the head's answer, as SAM.
     """
 
     def __init__(
@@ -174,6 +179,7 @@ class AutomaticMaskGenerator:
         output_mode: str = "coco_rle",
         *,
         upsample_pixels: int = _DEFAULT_UPSAMPLE_PIXELS,
+        iou_calibration: IouCalibration | Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ConfigError("give exactly one of points_per_side and point_grids")
@@ -218,6 +224,9 @@ class AutomaticMaskGenerator:
         self.max_mask_region_fraction = max_mask_region_fraction
         self.output_mode = output_mode
         self.upsample_pixels = int(upsample_pixels)
+        if iou_calibration is not None and not isinstance(iou_calibration, IouCalibration):
+            iou_calibration = IouCalibration.from_dict(iou_calibration)
+        self.iou_calibration = iou_calibration
 
     @torch.inference_mode()
     def generate(
@@ -340,6 +349,8 @@ class AutomaticMaskGenerator:
         coords = self.predictor.transform.apply_coords(points, crop.size)
         decoded = decoder.run(torch.as_tensor(coords, dtype=torch.float32))
         iou = decoded.iou_predictions.flatten().cpu().numpy()  # (3B,): prompt-major
+        if self.iou_calibration is not None:
+            iou = self.iou_calibration(iou)
         candidates: np.ndarray = np.arange(iou.size)
         if self.pred_iou_thresh > 0.0:
             candidates = candidates[iou > self.pred_iou_thresh]

@@ -19,9 +19,11 @@ paper describes its annotators (and is measured the way the paper measured them)
   ``seconds_per_object`` covers finding the object, choosing where to click and checking the
   result; the click cost includes looking at the model's answer. The defaults put an
   easy mask at ~8 s and a brushed one at ~45 s, the range of the paper's 14-34 s means.
-- **Moving on**: a person spends at most ``image_budget_s`` on an image and, like SA-1B's
-  annotators, moves to the next image after a mask that took longer than ``move_on_after_s``.
-  So a better model (fewer clicks, fewer brushed masks) yields more masks per image.
+- **Moving on**: a person spends at most ``image_budget_s`` on an image and, in stage 1 like
+  SA-1B's stage-1 annotators, moves to the next image after a mask that took longer than
+  ``move_on_after_s``. So a better model (fewer clicks, fewer brushed masks) yields more masks
+  per image. In stage 2 the paper's annotators were asked to add every object still missing, so
+  there only the image budget stops them (their time per new mask rose to 34 s, from 14 s).
 - **Stage 2**: the image comes pre-filled with the model's confident masks. Each prediction is
   checked against the truth (``accept_seconds``): one that matches an unlabelled object at
   ``iou_target`` or better is kept unchanged (source ``model``, no clicks), any other is deleted
@@ -147,7 +149,8 @@ class SimulatedAnnotator(Annotator):
         click_budget: clicks before switching to the brush.
         time_model: seconds per object, click, brush, accept and reject.
         image_budget_s: at most this many simulated seconds per image.
-        move_on_after_s: move to the next image after a mask that took longer than this.
+        move_on_after_s: in stage 1, move to the next image after a mask that took longer than
+            this (stage 2 adds what is missing until ``image_budget_s``).
         name: stored in each mask's ``annotator`` column.
         cache_embeddings: keep image embeddings in the store, keyed by model version.
     """
@@ -229,7 +232,7 @@ class SimulatedAnnotator(Annotator):
             seconds = self.time_model.mask_seconds(session.clicks, session.brushed)
             spent += seconds
             records.append(self._manual_record(ctx, j, session, seconds))
-            if seconds > self.move_on_after_s:
+            if ctx.stage == 1 and seconds > self.move_on_after_s:
                 break
         return records
 

@@ -9,6 +9,8 @@ manifests the flows leave, and writes::
     out_dir/effort.png            clicks and seconds per mask, per stage and round
     out_dir/model_quality.png     mIoU@1 and NoC@90 of each model version on the holdout
     out_dir/stage3_scores.png     predicted-IoU and stability distributions of stage 3
+    out_dir/gate_calibration.png  each calibrated version's map from its IoU head's answer to
+                                  the expected IoU (the generator's gates read it)
     out_dir/overlays.png          images of each stage with their masks overlaid
 
 No Prefect here; the CLI and the demo call it directly.
@@ -27,6 +29,7 @@ import pyarrow.compute as pc
 from flows.report.html import render_index
 from flows.report.plots import (
     plot_effort,
+    plot_gate_calibration,
     plot_masks_per_image,
     plot_model_quality,
     plot_overlay_grid,
@@ -104,6 +107,9 @@ def write_report(store: MaskStore, out_dir: str | Path) -> ReportFiles:
         "Annotation effort per mask": plot_effort(summary, out / "effort.png"),
         "Model versions on the holdout": plot_model_quality(summary, out / "model_quality.png"),
         "Stage 3 score distributions": _stage3_scores(store, out / "stage3_scores.png"),
+        "Gates calibrated per model version": _gate_calibration(
+            store, out / "gate_calibration.png"
+        ),
         "Images with their masks": plot_overlay_grid(
             _overlay_tiles(store, summary), out / "overlays.png", columns=_TILES_PER_STAGE
         ),
@@ -123,6 +129,23 @@ def _stage3_scores(store: MaskStore, path: Path) -> Path:
     return plot_stage3_scores(
         table["predicted_iou"].to_pylist(), table["stability_score"].to_pylist(), path
     )
+
+
+def _gate_calibration(store: MaskStore, path: Path) -> Path:
+    from engine.registry import ModelRegistry
+    from flows.config import Stage2Config, Stage3Config
+
+    curves = []
+    for card in ModelRegistry(store).versions():
+        iou = (card.calibration or {}).get("iou")
+        if iou:
+            curves.append((card.version, iou["raw"], iou["calibrated"]))
+    # The engine's default gates (a run's own config is not stored with the masks).
+    gates = [
+        ("stage 2", Stage2Config().pred_iou_thresh),
+        ("stage 3", Stage3Config().pred_iou_thresh),
+    ]
+    return plot_gate_calibration(curves, gates, path)
 
 
 def _overlay_tiles(

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "plot_effort",
+    "plot_gate_calibration",
     "plot_masks_per_image",
     "plot_model_quality",
     "plot_overlay_grid",
@@ -114,6 +115,32 @@ def plot_stage3_scores(
         ax.set_xlabel(name)
         ax.set_ylabel("masks")
         ax.set_title(f"Stage 3 {name} ({data.size} masks)")
+    return _save(fig, path)
+
+
+def plot_gate_calibration(
+    curves: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    gates: Sequence[tuple[str, float]],
+    path: Path,
+) -> Path:
+    """Each calibrated version's map from the IoU head's answer to the expected IoU of its
+    masks, with the stages' predicted-IoU gates; ``curves`` are ``(version, raw, calibrated)``."""
+    fig, ax = _figure(6.5, 3.8)
+    if curves:
+        for version, raw, calibrated in curves:
+            ax.plot(raw, calibrated, marker=".", label=version)
+        low = min(min(raw) for _, raw, _ in curves)
+        high = max(max(raw) for _, raw, _ in curves)
+        ax.plot([low, high], [low, high], color="grey", linestyle=":", label="answer = IoU")
+        for name, value in gates:
+            ax.axhline(value, color="k", linestyle="--", linewidth=0.8)
+            ax.text(low, value, f" {name} gate {value:g}", va="bottom", fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.9))
+    else:
+        ax.text(0.5, 0.5, "no calibrated model version", ha="center", va="center")
+    ax.set_xlabel("IoU head's answer")
+    ax.set_ylabel("expected IoU on the holdout")
+    ax.set_title("Generator gates calibrated per model version")
     return _save(fig, path)
 
 

@@ -86,6 +86,13 @@ def engine_root(tmp_path: Path) -> MaskStore:
             extra={"stage": n or None, "round": 0 if n else None},
         )
         registry.promote(card.version)
+    registry.set_calibration(
+        "v0002",
+        {
+            "iou": {"raw": [0.1, 0.5, 0.7], "calibrated": [0.05, 0.3, 0.95]},
+            "stability_score_offset": 0.25,
+        },
+    )
     return store
 
 
@@ -119,6 +126,7 @@ def test_report_files(engine_root: MaskStore, tmp_path: Path) -> None:
         "effort.png",
         "model_quality.png",
         "stage3_scores.png",
+        "gate_calibration.png",
         "overlays.png",
     }
     for png in files.plots:

@@ -123,7 +123,7 @@ def test_stage2_keeps_matching_predictions_and_clicks_the_rest(synthetic) -> Non
     assert all((r.stage, r.round, r.run_id) == (2, 0, "r") for r in records)
 
 
-def test_the_image_budget_and_moving_on_limit_masks_per_image(synthetic) -> None:
+def test_the_image_budget_and_moving_on_in_stage_1_limit_masks_per_image(synthetic) -> None:
     store, truth, images = synthetic
     model = _fresh_model()
     patient = SimulatedAnnotator(
@@ -134,6 +134,11 @@ def test_the_image_budget_and_moving_on_limit_masks_per_image(synthetic) -> None
     one_each = hasty.annotate(images, model, stage=1, round=0, run_id="r", model_version="v")
     assert len(all_masks) == sum(len(truth.rles(i.image_id)) for i in images)
     assert len(one_each) == len(images)  # the first (largest) object of each image, no more
+    # Stage 2 has no moving on (the paper's people add what is missing): only the budget stops.
+    stage2 = SimulatedAnnotator(
+        store, truth, click_budget=2, image_budget_s=1e6, move_on_after_s=1.0
+    ).annotate(images, model, stage=2, round=0, run_id="r", model_version="v")
+    assert len(stage2) == len(all_masks)
     # Deterministic: the same person on the same images makes the same masks.
     again = patient.annotate(images, model, stage=1, round=0, run_id="r", model_version="v")
     assert [r.mask_id for r in again] == [r.mask_id for r in all_masks]

@@ -22,6 +22,7 @@ from flows.tasks import (
     store_for,
 )
 from storage import rle as rle_codec
+from storage.errors import ImageError
 from storage.mask_store import MaskRecord
 from tests.flows.conftest import TINY_TRAINING, tiny_engine_config
 
@@ -108,3 +109,33 @@ def test_a_retrain_rehearses_the_base_models_pretraining_scenes(
     assert (replay or {}).get("fraction") == expected
     if expected is not None:
         assert replay["source"] == "synthetic"
+
+
+def test_gate_calibration_is_fitted_once_and_kept_in_the_card(tmp_path: Path) -> None:
+    from engine.amg import GateCalibration
+    from engine.evaluation.interactive import EvalSample
+    from engine.registry import ModelRegistry
+    from engine.synthetic import generate_scene
+    from flows.versions import gate_calibration
+    from storage.mask_store import MaskStore
+    from tests.fixtures.models import sharp_tiny_model
+
+    registry = ModelRegistry(MaskStore(str(tmp_path / "store")))
+    version = registry.register(sharp_tiny_model()).version
+    scene = generate_scene(np.random.default_rng(5), (64, 64))
+    reads = []
+
+    def holdout() -> list[EvalSample]:
+        reads.append(1)
+        return [EvalSample(image=scene.image, masks=scene.masks, image_id="h0")]
+
+    first = gate_calibration(registry, version, holdout)
+    assert reads == [1] and first.images == 1 and first.masks >= 20
+    assert registry.get(version).calibration == first.to_dict()
+    # Read back from the card: the holdout is not read again, the answer is the same.
+    again = gate_calibration(registry, version, holdout)
+    assert reads == [1] and again == GateCalibration.from_dict(first.to_dict())
+
+    other = registry.register(sharp_tiny_model()).version
+    with pytest.raises(ImageError, match="cannot calibrate v0002"):
+        gate_calibration(registry, other, list)
