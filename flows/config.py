@@ -216,10 +216,12 @@ class AnnotatorConfig(_Section):
     Simulated seconds per mask = ``seconds_per_object`` (find the object, decide, check) +
     ``seconds_per_click`` x clicks + ``brush_seconds`` when the click budget ran out and the
     rest was painted by hand. An accepted stage-2 prediction costs ``accept_seconds``, a deleted
-    one ``reject_seconds``. A person spends at most ``image_budget_s`` on one image, labels
-    objects in order of prominence (largest first) and, in stage 1, moves to the next image
-    after a mask that took over ``move_on_after_s``, so a better model means more masks per image;
-    in stage 2 people add every missing object they can within the image budget (the paper).
+    one ``reject_seconds``; one that overlaps an object at ``fix_iou`` but below ``iou_target``
+    is fixed from where the model left it (``accept_seconds`` + the corrective clicks). A
+    person spends at most ``image_budget_s`` on one image, labels objects in order of
+    prominence (largest first) and, in stage 1, moves to the next image after a mask that took
+    over ``move_on_after_s``, so a better model means more masks per image; in stage 2 people
+    add every missing object they can within the image budget (the paper).
     """
 
     kind: Literal["simulated", "label_studio"] = "simulated"
@@ -235,6 +237,12 @@ class AnnotatorConfig(_Section):
         default=30.0,
         gt=0,
         description="stage 1: next image after a mask that took longer (SA-1B's rule)",
+    )
+    fix_iou: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="stage 2: fix a prediction overlapping an object at this IoU, else delete it",
     )
     name: str = Field(default="simulated", description="annotator name stored with each mask")
 
@@ -252,15 +260,19 @@ class Stage1Config(_StageBase):
 
 
 class Stage2Config(_StageBase):
-    """Semi-automatic: the generator pre-labels at a high confidence gate."""
+    """Semi-automatic: the generator pre-labels the masks it is confident of (the paper's
+    confident gate, predicted IoU 0.88, as in stage 3; the person checks every one)."""
 
-    points_per_side: int = Field(default=12, ge=1)
-    pred_iou_thresh: float = Field(default=0.93, ge=0, le=1.5)
+    points_per_side: int = Field(default=16, ge=1)
+    pred_iou_thresh: float = Field(default=0.88, ge=0, le=1.5)
     stability_score_thresh: float = Field(default=0.95, ge=0, le=1)
     calibrate_gates: bool = Field(
         default=True,
         description="apply the gates to the model's predicted IoU calibrated on the holdout "
         "(and SAM's stability offset scaled to its input size); false: SAM's raw gates",
+    )
+    crop_n_layers: int = Field(
+        default=1, ge=0, le=3, description="zoomed crop layers, as in stage 3"
     )
 
 

@@ -31,6 +31,7 @@ class GeneratorSettings:
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
     crop_n_layers: int = 0
+    crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
     max_mask_region_fraction: float | None = 0.95
     points_per_batch: int = 64
@@ -45,6 +46,7 @@ class GeneratorSettings:
             "pred_iou_thresh": self.pred_iou_thresh,
             "stability_score_thresh": self.stability_score_thresh,
             "crop_n_layers": self.crop_n_layers,
+            "crop_n_points_downscale_factor": self.crop_n_points_downscale_factor,
             "min_mask_region_area": self.min_mask_region_area,
             "max_mask_region_fraction": self.max_mask_region_fraction,
             "points_per_batch": self.points_per_batch,

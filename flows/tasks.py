@@ -241,6 +241,8 @@ def prelabel_masks(
             points_per_side=s2.points_per_side,
             pred_iou_thresh=s2.pred_iou_thresh,
             stability_score_thresh=s2.stability_score_thresh,
+            crop_n_layers=s2.crop_n_layers,
+            crop_n_points_downscale_factor=2 if s2.crop_n_layers else 1,
             **gates,
         ),
         stage=2,

@@ -38,6 +38,7 @@ def make_annotator(config: EngineConfig, store: MaskStore) -> Annotator:
         ),
         image_budget_s=a.image_budget_s,
         move_on_after_s=a.move_on_after_s,
+        fix_iou=a.fix_iou,
         name=a.name,
     )
 

@@ -26,7 +26,11 @@ paper describes its annotators (and is measured the way the paper measured them)
   there only the image budget stops them (their time per new mask rose to 34 s, from 14 s).
 - **Stage 2**: the image comes pre-filled with the model's confident masks. Each prediction is
   checked against the truth (``accept_seconds``): one that matches an unlabelled object at
-  ``iou_target`` or better is kept unchanged (source ``model``, no clicks), any other is deleted
+  ``iou_target`` or better is kept unchanged (source ``model``, no clicks); one that overlaps an
+  unlabelled object at ``fix_iou`` or better is fixed: the person goes on from the prediction
+  (its prompt point and mask are the start), clicking at the largest error until the target
+  (source ``manual``, its corrective clicks counted, ``accept_seconds`` + the clicks' time, no
+  ``seconds_per_object``: the object is already found); any other is deleted
   (``reject_seconds``) and its object is left to be clicked like a new one (source ``manual``).
 
 Everything is deterministic: same model, same images, same ground truth, same masks and times.
@@ -69,6 +73,11 @@ class TimeModel:
         extra = self.brush_seconds if brushed else 0.0
         return self.seconds_per_object + self.seconds_per_click * clicks + extra
 
+    def fix_seconds(self, clicks: int, brushed: bool) -> float:
+        """Seconds for fixing a prediction: checking it, then the corrective clicks (and brush)."""
+        extra = self.brush_seconds if brushed else 0.0
+        return self.accept_seconds + self.seconds_per_click * clicks + extra
+
 
 @dataclass(frozen=True)
 class ClickSession:
@@ -76,8 +85,8 @@ class ClickSession:
 
     Attributes:
         mask: the final mask ``(H, W)`` bool (the truth when ``brushed``).
-        clicks: clicks made.
-        points: the click positions ``[[x, y], ...]`` in pixels.
+        clicks: clicks the person made (not the prompt of a prediction they started from).
+        points: every prompt point ``[[x, y], ...]`` in pixels, a start's first.
         ious: IoU with the truth after each click.
         brushed: whether the click budget ran out before ``iou_target``.
     """
@@ -90,7 +99,13 @@ class ClickSession:
 
 
 def click_until_target(
-    predictor: Any, gt: np.ndarray, *, iou_target: float, click_budget: int
+    predictor: Any,
+    gt: np.ndarray,
+    *,
+    iou_target: float,
+    click_budget: int,
+    start_points: Sequence[Sequence[float]] = (),
+    start_mask: np.ndarray | None = None,
 ) -> ClickSession:
     """Click on one object until the model's mask reaches ``iou_target`` or the budget ends.
 
@@ -99,16 +114,24 @@ def click_until_target(
         gt: the object's true mask ``(H, W)`` bool.
         iou_target: stop once IoU with ``gt`` is at least this, in [0, 1].
         click_budget: at most this many clicks; then the person brushes the rest.
+        start_points: positive prompt points of a prediction to go on from (stage 2's fixes);
+            they are the model's, not clicks of the person.
+        start_mask: that prediction's mask ``(H, W)``, what the person sees first.
     """
     from engine.evaluation.clicks import next_click
     from engine.evaluation.metrics import mask_iou
 
     pred: np.ndarray | None = None
     logits: np.ndarray | None = None
-    points: list[list[float]] = []
-    labels: list[int] = []
+    points: list[list[float]] = [[float(x), float(y)] for x, y in start_points]
+    labels: list[int] = [1] * len(points)
     ious: list[float] = []
-    for k in range(click_budget):
+    if start_mask is not None and points:
+        pred = np.asarray(start_mask, dtype=bool)
+        logits = _logits_of(predictor, points, pred)
+    started = len(points)
+    iou = mask_iou(pred, gt) if pred is not None else 0.0
+    for k in range(click_budget if iou < iou_target else 0):
         click = next_click(pred, gt)
         if click is None:  # already perfect
             break
@@ -120,23 +143,39 @@ def click_until_target(
             point_coords=np.asarray(points, dtype=np.float32),
             point_labels=np.asarray(labels, dtype=np.int64),
             mask_input=logits,
-            multimask_output=k == 0,
+            multimask_output=k == 0 and not started,
         )
         best = int(np.argmax(scores))
         pred = np.asarray(masks[best], dtype=bool)
         logits = np.asarray(low_res[best : best + 1])
-        ious.append(mask_iou(pred, gt))
-        if ious[-1] >= iou_target:
+        iou = mask_iou(pred, gt)
+        ious.append(iou)
+        if iou >= iou_target:
             break
-    reached = bool(ious) and ious[-1] >= iou_target
+    reached = iou >= iou_target
     final = pred if reached and pred is not None else gt
     return ClickSession(
         mask=np.asarray(final, dtype=bool),
-        clicks=len(points),
+        clicks=len(points) - started,
         points=points,
         ious=ious,
         brushed=not reached,
     )
+
+
+def _logits_of(predictor: Any, points: list[list[float]], mask: np.ndarray) -> np.ndarray:
+    """Low-res logits for a prediction made from ``points``: the model's output on them that
+    overlaps ``mask`` best (the next click feeds them back, as after any click)."""
+    from engine.evaluation.metrics import mask_iou
+
+    masks, _, low_res = predictor.predict(
+        point_coords=np.asarray(points, dtype=np.float32),
+        point_labels=np.ones(len(points), dtype=np.int64),
+        mask_input=None,
+        multimask_output=True,
+    )
+    best = int(np.argmax([mask_iou(np.asarray(m, dtype=bool), mask) for m in masks]))
+    return np.asarray(low_res[best : best + 1])
 
 
 class SimulatedAnnotator(Annotator):
@@ -149,6 +188,8 @@ class SimulatedAnnotator(Annotator):
         click_budget: clicks before switching to the brush.
         time_model: seconds per object, click, brush, accept and reject.
         image_budget_s: at most this many simulated seconds per image.
+        fix_iou: stage 2 fixes a prediction that overlaps an unlabelled object at this IoU or
+            better (and below ``iou_target``); one that overlaps none this well is deleted.
         move_on_after_s: in stage 1, move to the next image after a mask that took longer than
             this (stage 2 adds what is missing until ``image_budget_s``).
         name: stored in each mask's ``annotator`` column.
@@ -165,11 +206,14 @@ class SimulatedAnnotator(Annotator):
         time_model: TimeModel | None = None,
         image_budget_s: float = 90.0,
         move_on_after_s: float = 30.0,
+        fix_iou: float = 0.5,
         name: str = "simulated",
         cache_embeddings: bool = True,
     ) -> None:
         if not 0.0 < iou_target <= 1.0:
             raise ValueError(f"iou_target={iou_target}; expected a value in (0, 1]")
+        if not 0.0 < fix_iou <= 1.0:
+            raise ValueError(f"fix_iou={fix_iou}; expected a value in (0, 1]")
         if click_budget < 1:
             raise ValueError(f"click_budget={click_budget}; expected at least 1")
         self.store = store
@@ -179,6 +223,7 @@ class SimulatedAnnotator(Annotator):
         self.time_model = time_model or TimeModel()
         self.image_budget_s = float(image_budget_s)
         self.move_on_after_s = float(move_on_after_s)
+        self.fix_iou = float(fix_iou)
         self.name = name
         self.cache_embeddings = cache_embeddings
 
@@ -220,7 +265,7 @@ class SimulatedAnnotator(Annotator):
         gt = rle_codec.decode(gt_rles)
         # Prominence: the largest objects first (ties by index, so the order is stable).
         order = sorted(range(len(gt)), key=lambda j: (-int(gt[j].sum()), j))
-        records, done, spent = self._review_predictions(ctx, predictions, gt_rles)
+        records, done, spent = self._review_predictions(predictor, ctx, predictions, gt_rles, gt)
         for j in order:
             if j in done:
                 continue
@@ -237,9 +282,15 @@ class SimulatedAnnotator(Annotator):
         return records
 
     def _review_predictions(
-        self, ctx: _RoundContext, predictions: Sequence[MaskRecord], gt_rles: list[rle_codec.Rle]
+        self,
+        predictor: Any,
+        ctx: _RoundContext,
+        predictions: Sequence[MaskRecord],
+        gt_rles: list[rle_codec.Rle],
+        gt: np.ndarray,
     ) -> tuple[list[MaskRecord], set[int], float]:
-        """Keep predictions that match an object at the target; delete the rest."""
+        """Keep predictions that match an object at the target, fix those that overlap one at
+        ``fix_iou``, delete the rest."""
         records: list[MaskRecord] = []
         done: set[int] = set()
         spent = 0.0
@@ -250,10 +301,24 @@ class SimulatedAnnotator(Annotator):
         for i in ranked:
             candidates = [(ious[i, j], j) for j in range(len(gt_rles)) if j not in done]
             best_iou, j = max(candidates, default=(0.0, -1))
+            prediction = predictions[i]
             if j >= 0 and best_iou >= self.iou_target:
                 spent += self.time_model.accept_seconds
                 done.add(j)
-                records.append(self._accepted_record(ctx, predictions[i]))
+                records.append(self._accepted_record(ctx, prediction))
+            elif j >= 0 and best_iou >= self.fix_iou and prediction.point_coords:
+                session = click_until_target(
+                    predictor,
+                    gt[j],
+                    iou_target=self.iou_target,
+                    click_budget=self.click_budget,
+                    start_points=prediction.point_coords,
+                    start_mask=rle_codec.decode([prediction.segmentation])[0],
+                )
+                seconds = self.time_model.fix_seconds(session.clicks, session.brushed)
+                spent += seconds
+                done.add(j)
+                records.append(self._manual_record(ctx, j, session, seconds))
             else:
                 spent += self.time_model.reject_seconds
         return records, done, spent

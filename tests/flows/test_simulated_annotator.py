@@ -13,7 +13,7 @@ from flows.annotators import GroundTruth, SimulatedAnnotator, TimeModel, click_u
 from flows.config import parse_config
 from flows.sources import load_pool_ground_truth, prepare_source, round_images
 from storage import rle as rle_codec
-from storage.mask_store import MaskRecord, MaskStore
+from storage.mask_store import MaskRecord, MaskStore, make_mask_id
 
 
 class _Answers:
@@ -61,9 +61,46 @@ def test_budget_then_brush_when_the_model_never_gets_there() -> None:
 
 
 def test_time_model_formula() -> None:
-    t = TimeModel(seconds_per_object=4, seconds_per_click=2, brush_seconds=10)
+    t = TimeModel(seconds_per_object=4, seconds_per_click=2, brush_seconds=10, accept_seconds=1)
     assert t.mask_seconds(3, brushed=False) == 10
     assert t.mask_seconds(3, brushed=True) == 20
+    assert t.fix_seconds(3, brushed=False) == 7  # checking, then the clicks: no search
+    assert t.fix_seconds(3, brushed=True) == 17
+
+
+def test_a_fix_goes_on_from_the_predictions_prompt_and_counts_only_new_clicks() -> None:
+    gt = _square()
+    near_miss = gt.copy()
+    near_miss[10:30, 19:25] = False  # IoU 0.7: the model's mask misses the right part
+    predictor = _Answers(gt)
+    session = click_until_target(
+        predictor,
+        gt,
+        iou_target=0.9,
+        click_budget=5,
+        start_points=[[8.0, 12.0]],
+        start_mask=near_miss,
+    )
+    assert session.clicks == 1 and not session.brushed
+    assert np.array_equal(session.mask, gt)
+    # First the prediction's own prompt (three masks, to recover its logits), then the person's
+    # click in the missed part, sent with the prompt point and no second ambiguity.
+    (start_coords, _, start_multi), (coords, labels, multi) = predictor.calls
+    assert start_coords.tolist() == [[8.0, 12.0]] and start_multi
+    assert not multi and labels.tolist() == [1, 1] and coords[0].tolist() == [8.0, 12.0]
+    assert 19 <= coords[1][0] <= 24  # inside the missed strip
+    assert session.points[0] == [8.0, 12.0] and len(session.points) == 2
+
+    # A start that already meets the target needs no click and no brush.
+    done = click_until_target(
+        _Answers(gt),
+        gt,
+        iou_target=0.6,
+        click_budget=5,
+        start_points=[[8, 12]],
+        start_mask=near_miss,
+    )
+    assert done.clicks == 0 and not done.brushed and np.array_equal(done.mask, near_miss)
 
 
 @pytest.fixture
@@ -96,12 +133,30 @@ def test_stage2_keeps_matching_predictions_and_clicks_the_rest(synthetic) -> Non
     assert len(gt) >= 2
     wrong = np.zeros(truth.masks(image.image_id).shape[1:], bool)
     wrong[:4, :4] = True
+    # A near miss of object 1: its top rows cut off (IoU with the object in [0.5, 0.9)).
+    near = truth.masks(image.image_id)[1].copy()
+    rows = np.flatnonzero(near.any(axis=1))
+    near[rows[0] : rows[0] + max(1, 2 * len(rows) // 5)] = False
+    assert 0.5 <= rle_codec.iou(rle_codec.encode(near[None]), [gt[1]])[0, 0] < 0.9
+    ys, xs = np.nonzero(near)
+    point = [[float(xs.mean()), float(ys.mean())]]
     predictions = [
         MaskRecord(image.image_id, gt[0], 2, 0, "model", "pre", predicted_iou=0.97),
         MaskRecord(image.image_id, rle_codec.encode(wrong[None])[0], 2, 0, "model", "pre", 0.95),
+        MaskRecord(
+            image.image_id,
+            rle_codec.encode(near[None])[0],
+            2,
+            0,
+            "model",
+            "pre",
+            predicted_iou=0.9,
+            point_coords=point,
+        ),
     ]
+    time_model = TimeModel()
     annotator = SimulatedAnnotator(
-        store, truth, click_budget=2, image_budget_s=1e6, move_on_after_s=1e6
+        store, truth, click_budget=2, time_model=time_model, image_budget_s=1e6, move_on_after_s=1e6
     )
     records = annotator.annotate(
         [image],
@@ -118,7 +173,19 @@ def test_stage2_keeps_matching_predictions_and_clicks_the_rest(synthetic) -> Non
     assert kept[0].clicks == 0 and kept[0].predicted_iou == pytest.approx(0.97)
     # With time to spare every other object is labelled by hand, each exactly once.
     assert len(manual) == len(gt) - 1
-    assert all(r.clicks >= 1 and r.predicted_iou is None for r in manual)
+    assert all(r.predicted_iou is None for r in manual)
+    # The near miss was fixed, from its prompt point: no time to find the object, fewer clicks.
+    (fixed,) = [r for r in manual if r.point_coords and r.point_coords[0] == point[0]]
+    assert fixed.mask_id == make_mask_id(image.image_id, "2", "0", "r", "manual", "object-1")
+    assert fixed.clicks == len(fixed.point_coords) - 1
+    brushed = fixed.lead_time_s > time_model.fix_seconds(fixed.clicks, brushed=False)
+    assert fixed.lead_time_s == pytest.approx(time_model.fix_seconds(fixed.clicks, brushed))
+    others = [r for r in manual if r is not fixed]
+    assert all(r.clicks >= 1 for r in others)
+    assert all(
+        r.lead_time_s in {time_model.mask_seconds(r.clicks, b) for b in (False, True)}
+        for r in others
+    )
     assert len({r.mask_id for r in records}) == len(records)
     assert all((r.stage, r.round, r.run_id) == (2, 0, "r") for r in records)
 
