@@ -259,28 +259,9 @@ class Stage1Config(_StageBase):
     rounds: int = Field(default=3, ge=1)
 
 
-class Stage2Config(_StageBase):
-    """Semi-automatic: the generator pre-labels the masks it is confident of (the paper's
-    confident gate, predicted IoU 0.88, as in stage 3; the person checks every one)."""
+class _GeneratingStage(_StageBase):
+    """The generator's grid and gates, shared by stages 2 and 3 (SAM's argument names)."""
 
-    points_per_side: int = Field(default=16, ge=1)
-    pred_iou_thresh: float = Field(default=0.88, ge=0, le=1.5)
-    stability_score_thresh: float = Field(default=0.95, ge=0, le=1)
-    calibrate_gates: bool = Field(
-        default=True,
-        description="apply the gates to the model's predicted IoU calibrated on the holdout "
-        "(and SAM's stability offset scaled to its input size); false: SAM's raw gates",
-    )
-    crop_n_layers: int = Field(
-        default=1, ge=0, le=3, description="zoomed crop layers, as in stage 3"
-    )
-
-
-class Stage3Config(_StageBase):
-    """Fully automatic: the generator alone, with the paper's filters."""
-
-    rounds: int = Field(default=1, ge=1)
-    images_per_round: int = Field(default=16, ge=1)
     points_per_side: int = Field(default=16, ge=1)
     pred_iou_thresh: float = Field(default=0.88, ge=0, le=1.5)
     stability_score_thresh: float = Field(default=0.95, ge=0, le=1)
@@ -292,6 +273,18 @@ class Stage3Config(_StageBase):
     crop_n_layers: int = Field(
         default=1, ge=0, le=3, description="zoomed crop layers (the paper's run: 2 at 1500 px)"
     )
+
+
+class Stage2Config(_GeneratingStage):
+    """Semi-automatic: the generator pre-labels the masks it is confident of (the paper's
+    confident gate, predicted IoU 0.88, as in stage 3; the person checks every one)."""
+
+
+class Stage3Config(_GeneratingStage):
+    """Fully automatic: the generator alone, with the paper's filters."""
+
+    rounds: int = Field(default=1, ge=1)
+    images_per_round: int = Field(default=16, ge=1)
     min_mask_region_area: int = Field(default=20, ge=0)
     max_mask_region_fraction: float | None = Field(default=0.95, gt=0, le=1)
     workers: int | None = Field(
