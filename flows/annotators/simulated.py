@@ -30,7 +30,8 @@ paper describes its annotators (and is measured the way the paper measured them)
   unlabelled object at ``fix_iou`` or better is fixed: the person goes on from the prediction
   (its prompt point and mask are the start), clicking at the largest error until the target
   (source ``manual``, its corrective clicks counted, ``accept_seconds`` + the clicks' time, no
-  ``seconds_per_object``: the object is already found); any other is deleted
+  ``seconds_per_object``: the object is already found; only while the image's time budget
+  lasts); any other is deleted
   (``reject_seconds``) and its object is left to be clicked like a new one (source ``manual``).
 
 Everything is deterministic: same model, same images, same ground truth, same masks and times.
@@ -306,7 +307,12 @@ class SimulatedAnnotator(Annotator):
                 spent += self.time_model.accept_seconds
                 done.add(j)
                 records.append(self._accepted_record(ctx, prediction))
-            elif j >= 0 and best_iou >= self.fix_iou and prediction.point_coords:
+            elif (
+                j >= 0
+                and best_iou >= self.fix_iou
+                and prediction.point_coords
+                and spent < self.image_budget_s  # out of time: the near miss is deleted
+            ):
                 session = click_until_target(
                     predictor,
                     gt[j],

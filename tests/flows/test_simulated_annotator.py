@@ -189,6 +189,18 @@ def test_stage2_keeps_matching_predictions_and_clicks_the_rest(synthetic) -> Non
     assert len({r.mask_id for r in records}) == len(records)
     assert all((r.stage, r.round, r.run_id) == (2, 0, "r") for r in records)
 
+    # Out of time after the first check: the near miss is deleted, nothing else is labelled.
+    hurried = SimulatedAnnotator(store, truth, click_budget=2, image_budget_s=1.0).annotate(
+        [image],
+        _fresh_model(),
+        stage=2,
+        round=0,
+        run_id="r",
+        model_version="v",
+        predictions={image.image_id: predictions},
+    )
+    assert [r.source for r in hurried] == ["model"]
+
 
 def test_the_image_budget_and_moving_on_in_stage_1_limit_masks_per_image(synthetic) -> None:
     store, truth, images = synthetic
