@@ -155,17 +155,27 @@ def test_stage2_keeps_matching_predictions_and_clicks_the_rest(synthetic) -> Non
         ),
     ]
     time_model = TimeModel()
-    annotator = SimulatedAnnotator(
-        store, truth, click_budget=2, time_model=time_model, image_budget_s=1e6, move_on_after_s=1e6
-    )
-    records = annotator.annotate(
-        [image],
-        _fresh_model(),
-        stage=2,
-        round=0,
-        run_id="r",
-        model_version="v",
-        predictions={image.image_id: predictions},
+
+    def review(annotator: SimulatedAnnotator) -> list[MaskRecord]:
+        return annotator.annotate(
+            [image],
+            _fresh_model(),
+            stage=2,
+            round=0,
+            run_id="r",
+            model_version="v",
+            predictions={image.image_id: predictions},
+        )
+
+    records = review(
+        SimulatedAnnotator(
+            store,
+            truth,
+            click_budget=2,
+            time_model=time_model,
+            image_budget_s=1e6,
+            move_on_after_s=1e6,
+        )
     )
     kept = [r for r in records if r.source == "model"]
     manual = [r for r in records if r.source == "manual"]
@@ -190,15 +200,7 @@ def test_stage2_keeps_matching_predictions_and_clicks_the_rest(synthetic) -> Non
     assert all((r.stage, r.round, r.run_id) == (2, 0, "r") for r in records)
 
     # Out of time after the first check: the near miss is deleted, nothing else is labelled.
-    hurried = SimulatedAnnotator(store, truth, click_budget=2, image_budget_s=1.0).annotate(
-        [image],
-        _fresh_model(),
-        stage=2,
-        round=0,
-        run_id="r",
-        model_version="v",
-        predictions={image.image_id: predictions},
-    )
+    hurried = review(SimulatedAnnotator(store, truth, click_budget=2, image_budget_s=1.0))
     assert [r.source for r in hurried] == ["model"]
 
 
