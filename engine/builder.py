@@ -34,6 +34,7 @@ _PROMPT_AND_DECODER = {
     "iou_head_hidden_dim": 256,
     "prompt_maps": False,
     "instance_dim": 0,
+    "click_disks": False,
     "pixel_mean": list(PIXEL_MEAN),
     "pixel_std": list(PIXEL_STD),
 }
@@ -89,6 +90,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         # A stride-2 instance code the decoder reads at the clicks (engine.modeling.
         # instance_embedding): from scratch, one click finds its object ~2x sooner.
         "instance_dim": 16,
+        # A learned bump at every click on the mask logits (engine.modeling.click_disks):
+        # later clicks are not ignored.
+        "click_disks": True,
     },
 }
 
@@ -234,6 +238,7 @@ def _assemble(args: dict[str, Any], *, use_sdpa: bool) -> Sam:
         iou_head_depth=int(args["iou_head_depth"]),
         iou_head_hidden_dim=int(args["iou_head_hidden_dim"]),
         instance_dim=instance_dim,
+        click_disks=bool(args["click_disks"]),
         input_image_size=(image_size, image_size),
     )
     return Sam(

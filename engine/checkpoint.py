@@ -171,6 +171,7 @@ def _engine_meta(payload: dict[str, Any], uri: str) -> tuple[CheckpointMeta, dic
         # Checkpoints written before prompt maps existed were built without them.
         stored.setdefault("prompt_maps", False)
         stored.setdefault("instance_dim", 0)  # nor the instance code
+        stored.setdefault("click_disks", False)  # nor click disks
         if stored.get("encoder") == "conv":
             stored.setdefault("encoder_out_stride", 8)
         build_args = resolve_build_args(stored)
@@ -215,6 +216,7 @@ def _plain_meta(
     code_head = state_dict.get("image_encoder.instance_head.head.3.weight")
     if code_head is not None or "image_encoder.lateral_mid.weight" in state_dict:
         inferred_args["instance_dim"] = 0 if code_head is None else int(code_head.shape[0])
+    inferred_args["click_disks"] = "mask_decoder.disk_log_sigma" in state_dict
     detail = state_dict.get("image_encoder.lateral_detail.weight")
     if detail is not None:  # the conv encoder's fusion kernel is 2 on a stride-8 grid, 1 on 4
         inferred_args["encoder_out_stride"] = 8 if int(detail.shape[-1]) == 2 else 4

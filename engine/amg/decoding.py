@@ -14,10 +14,11 @@ image goes in once for the whole batch (no mask prompt), and the upscaling runs 
 
 Uses the decoder's own modules (``iou_token``, ``mask_tokens``, ``transformer``,
 ``output_upscaling``, ``output_hypernetworks_mlps``, ``iou_prediction_head``, and
-``click_term`` and ``score_masks`` for a model with an instance code), so it computes what
-``MaskDecoder.forward(..., multimask_output=True)`` computes for single positive points. A
-decoder that scores masks from their logits (``iou_from_mask``) needs every prompt's logits on
-the whole low-res grid before the IoU gate; :meth:`PointDecoder.run` computes them then.
+``click_term`` and ``score_masks`` for a model with an instance code or click disks), so it
+computes what ``MaskDecoder.forward(..., multimask_output=True)`` computes for single positive
+points. A decoder that scores masks from their logits (``iou_from_mask``) needs every prompt's
+logits on the whole low-res grid before the IoU gate; :meth:`PointDecoder.run` computes them
+then.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ class PointDecoder:
             [decoder.output_hypernetworks_mlps[t](tokens[:, t, :]) for t in range(1, 4)], dim=1
         )  # (P, 3, C / 8)
         logits = _cells_to_image(hyper @ cells.transpose(1, 2), rows, cols)
-        if self._code is not None:  # the click affinity, on the whole low-res grid then cropped
+        if self._code is not None or decoder.click_disks:
+            # The clicks' term (code affinity, disks), on the whole low-res grid then cropped.
             coords = decoded.point_coords[prompts]
             labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=coords.device)
             full = self.model.prompt_encoder.mask_input_size

@@ -12,6 +12,9 @@ With ``instance_dim > 0`` (``tiny``) the image embedding carries a packed instan
 (``iou_from_mask`` on :func:`mask_statistics`, added to the IoU token's prediction): once the
 click term shapes the masks, the IoU token barely varies from prompt to prompt, and a head that
 reads it alone learns each output's mean IoU and nothing per mask.
+
+With ``click_disks`` (``tiny``) every output also gets a learned Gaussian bump at each click
+(``engine.modeling.click_disks``), so the clicked pixel follows the click.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.modeling.click_disks import INITIAL_SCALE, disk_maps, initial_log_sigma
 from engine.modeling.common import MLP, LayerNorm2d
 from engine.modeling.instance_embedding import click_affinity, unpack_cells
 from engine.modeling.transformer import TwoWayTransformer
@@ -41,6 +45,7 @@ class MaskDecoder(nn.Module):
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
         instance_dim: int = 0,
+        click_disks: bool = False,
         input_image_size: tuple[int, int] = (1024, 1024),
     ) -> None:
         """
@@ -50,8 +55,9 @@ class MaskDecoder(nn.Module):
             num_multimask_outputs: masks returned for an ambiguous prompt (3 in SAM).
             iou_head_depth, iou_head_hidden_dim: the MLP that predicts each mask's IoU.
             instance_dim: channels of the instance code packed in the image embedding (0: none).
+            click_disks: add a learned bump at every click to the logits.
             input_image_size: ``(H, W)`` of the model's input frame, pixels (where the clicks
-                are given; used with an instance code).
+                are given; used with an instance code or click disks).
         """
         super().__init__()
         self.transformer_dim = transformer_dim
@@ -82,6 +88,11 @@ class MaskDecoder(nn.Module):
             # adds to the mask; 3 makes a pixel at the margin's end flip sign at init.
             self.instance_pos_scale = nn.Parameter(torch.full((self.num_mask_tokens,), 3.0))
             self.instance_neg_scale = nn.Parameter(torch.full((self.num_mask_tokens,), 3.0))
+        self.click_disks = click_disks
+        if click_disks:
+            self.disk_pos_scale = nn.Parameter(torch.full((self.num_mask_tokens,), INITIAL_SCALE))
+            self.disk_neg_scale = nn.Parameter(torch.full((self.num_mask_tokens,), INITIAL_SCALE))
+            self.disk_log_sigma = nn.Parameter(torch.tensor(initial_log_sigma()))
         # Mask-aware IoU: statistics of an output's logits and which output it is -> a
         # correction to the token's IoU; zero at init, so it starts as SAM's head.
         self.iou_from_mask: MLP | None = None
@@ -160,7 +171,7 @@ class MaskDecoder(nn.Module):
             dim=1,
         )  # (B, num_mask_tokens, C / 8)
         masks = _cells_to_image(hyper_in @ cells.transpose(1, 2), h, w)
-        if code is not None and points is not None:
+        if points is not None and (code is not None or self.click_disks):
             masks = masks + self.click_term(code, points, masks.shape[-2:])
         return masks, self.score_masks(self.iou_prediction_head(iou_token_out), masks)
 
@@ -187,19 +198,39 @@ class MaskDecoder(nn.Module):
 
     def click_term(
         self,
-        code: torch.Tensor,
+        code: torch.Tensor | None,
         points: tuple[torch.Tensor, torch.Tensor],
         size: tuple[int, int] | torch.Size,
         outputs: slice = slice(None),
     ) -> torch.Tensor:
-        """The click-affinity logits ``(B, M, *size)`` of the chosen outputs (all by default)."""
-        positive, negative = click_affinity(code, points[0], points[1], self.input_image_size)
-        pos_scale = self.instance_pos_scale[outputs].view(1, -1, 1, 1)
-        neg_scale = self.instance_neg_scale[outputs].view(1, -1, 1, 1)
-        term = pos_scale * positive - neg_scale * negative
-        if term.shape[-2:] != tuple(size):
-            term = F.interpolate(term, size=tuple(size), mode="bilinear", align_corners=False)
-        return term
+        """The clicks' logits ``(B, M, *size)`` for the chosen outputs (all by default): the
+        instance code's affinity (with a ``code``) plus the click disks (with ``click_disks``)."""
+        coords, labels = points
+        terms: list[torch.Tensor] = []
+        if code is not None:
+            positive, negative = click_affinity(code, coords, labels, self.input_image_size)
+            pos_scale = self.instance_pos_scale[outputs].view(1, -1, 1, 1)
+            neg_scale = self.instance_neg_scale[outputs].view(1, -1, 1, 1)
+            affinity = pos_scale * positive - neg_scale * negative
+            if affinity.shape[-2:] != tuple(size):
+                affinity = F.interpolate(
+                    affinity, size=tuple(size), mode="bilinear", align_corners=False
+                )
+            terms.append(affinity)
+        if self.click_disks:
+            positive, negative = disk_maps(
+                coords,
+                labels,
+                (int(size[0]), int(size[1])),
+                self.input_image_size,
+                self.disk_log_sigma,
+            )
+            pos_scale = self.disk_pos_scale[outputs].view(1, -1, 1, 1)
+            neg_scale = self.disk_neg_scale[outputs].view(1, -1, 1, 1)
+            terms.append(pos_scale * positive - neg_scale * negative)
+        if not terms:
+            raise ValueError("click_term needs an instance code or a decoder with click disks")
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
     def upscale(self, x: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` on a channels-last map: ``(B, h, w, C)`` -> ``(B, 4h, 4w, C/8)``."""

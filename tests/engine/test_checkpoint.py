@@ -69,15 +69,20 @@ def test_build_args_rebuild_a_non_default_architecture(tmp_path: Path) -> None:
     assert loaded.img_size == 192 and len(loaded.image_encoder.global_blocks) == 0
 
 
+def _saved_without(model: Sam, build_arg: str, path: Path) -> str:
+    """``model`` saved as an engine checkpoint whose build_args lack ``build_arg`` (as written
+    before that argument existed); returns the path."""
+    save_checkpoint(model, str(path))
+    payload = torch.load(path, weights_only=True)
+    del payload["build_args"][build_arg]
+    torch.save(payload, path)
+    return str(path)
+
+
 def test_checkpoints_from_before_prompt_maps_still_load(tmp_path: Path) -> None:
     # Such a checkpoint's build_args have no "prompt_maps" key and its weights no map embedding.
     old = build_sam("tiny", prompt_maps=False)
-    path = tmp_path / "old.pt"
-    save_checkpoint(old, str(path))
-    payload = torch.load(path, weights_only=True)
-    del payload["build_args"]["prompt_maps"]
-    torch.save(payload, path)
-    loaded, meta = load_checkpoint(str(path))
+    loaded, meta = load_checkpoint(_saved_without(old, "prompt_maps", tmp_path / "old.pt"))
     assert meta.build_args["prompt_maps"] is False
     assert loaded.prompt_encoder.prompt_map_embed is None
     plain = tmp_path / "plain_old.pth"
@@ -89,12 +94,7 @@ def test_checkpoints_from_before_prompt_maps_still_load(tmp_path: Path) -> None:
 def test_checkpoints_from_before_the_instance_code_still_load(tmp_path: Path) -> None:
     # Such a checkpoint's build_args have no "instance_dim" key and its weights no code head.
     old = build_sam("tiny", instance_dim=0)
-    path = tmp_path / "old.pt"
-    save_checkpoint(old, str(path))
-    payload = torch.load(path, weights_only=True)
-    del payload["build_args"]["instance_dim"]
-    torch.save(payload, path)
-    loaded, meta = load_checkpoint(str(path))
+    loaded, meta = load_checkpoint(_saved_without(old, "instance_dim", tmp_path / "old.pt"))
     assert meta.build_args["instance_dim"] == 0
     assert loaded.image_encoder.instance_head is None
     assert loaded.image_embedding_shape == (128, 32, 32)
@@ -103,6 +103,17 @@ def test_checkpoints_from_before_the_instance_code_still_load(tmp_path: Path) ->
         torch.save(build_sam("tiny", instance_dim=dim).state_dict(), plain)
         from_plain, meta = load_checkpoint(str(plain))
         assert meta.build_args["instance_dim"] == dim == from_plain.mask_decoder.instance_dim
+
+
+def test_checkpoints_from_before_click_disks_still_load(tmp_path: Path) -> None:
+    old = build_sam("tiny", click_disks=False)
+    loaded, meta = load_checkpoint(_saved_without(old, "click_disks", tmp_path / "old.pt"))
+    assert meta.build_args["click_disks"] is False and not loaded.mask_decoder.click_disks
+    for disks in (False, True):  # a plain state dict says by its disk parameters
+        plain = tmp_path / f"plain_{disks}.pth"
+        torch.save(build_sam("tiny", click_disks=disks).state_dict(), plain)
+        from_plain, meta = load_checkpoint(str(plain))
+        assert meta.build_args["click_disks"] is disks is from_plain.mask_decoder.click_disks
 
 
 def test_plain_state_dict_of_a_stride_4_tiny_is_inferred(tmp_path: Path) -> None:
