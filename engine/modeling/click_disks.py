@@ -8,7 +8,7 @@ The disk makes the clicked pixel follow the click, and the decoder keeps shaping
 output ``k`` gets ``pos_scale[k] * max_i g_i - neg_scale[k] * max_j g_j`` over the positive
 clicks ``i`` and the negative clicks ``j``, with ``g(p) = exp(-|p - c|^2 / (2 sigma^2))`` for a
 click at ``c``, ``sigma`` in input pixels. The scales and ``sigma`` are learned (their start,
-below, makes a click at least as strong as the instance code's term at its own pixel).
+below, makes a click about as strong as the instance code's term at its own pixel, 4.5).
 
 It is the interactive-segmentation convention of drawing clicks as disks (RITM's click maps),
 applied to the output instead of the input, so it costs no encoder work.
