@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--instance-dim", type=int, default=None, help="tiny's instance code channels (16; 0: none)"
     )
+    parser.add_argument(
+        "--click-disks", type=int, choices=(0, 1), default=None, help="tiny's click disks (1)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["encoder_out_stride"] = args.out_stride
     if args.instance_dim is not None:
         overrides["instance_dim"] = args.instance_dim
+    if args.click_disks is not None:
+        overrides["click_disks"] = bool(args.click_disks)
     model = build_sam("tiny", device=device, **overrides)
     holdout = list(synthetic_holdout(n_holdout, seed=HOLDOUT_SEED, size=_SCENE_SIZE))
     config = TrainConfig(
