@@ -35,6 +35,7 @@ _PROMPT_AND_DECODER = {
     "prompt_maps": False,
     "instance_dim": 0,
     "click_disks": False,
+    "box_clicks": False,
     "pixel_mean": list(PIXEL_MEAN),
     "pixel_std": list(PIXEL_STD),
 }
@@ -93,6 +94,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         # A learned bump at every click on the mask logits (engine.modeling.click_disks):
         # later clicks are not ignored.
         "click_disks": True,
+        # A box alone is decoded with virtual clicks inside it (engine.modeling.box_clicks):
+        # holdout box mIoU 0.45 -> 0.65 on the same 10-minute model.
+        "box_clicks": True,
     },
 }
 
@@ -248,6 +252,7 @@ def _assemble(args: dict[str, Any], *, use_sdpa: bool) -> Sam:
         pixel_mean=[float(v) for v in args["pixel_mean"]],
         pixel_std=[float(v) for v in args["pixel_std"]],
         build_args=args,
+        box_clicks=bool(args["box_clicks"]),
     )
 
 

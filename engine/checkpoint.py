@@ -172,6 +172,7 @@ def _engine_meta(payload: dict[str, Any], uri: str) -> tuple[CheckpointMeta, dic
         stored.setdefault("prompt_maps", False)
         stored.setdefault("instance_dim", 0)  # nor the instance code
         stored.setdefault("click_disks", False)  # nor click disks
+        stored.setdefault("box_clicks", False)  # and decoded boxes as SAM does
         if stored.get("encoder") == "conv":
             stored.setdefault("encoder_out_stride", 8)
         build_args = resolve_build_args(stored)

@@ -193,14 +193,12 @@ class SamPredictor:
         assert self.features is not None and self.input_size is not None
         points = self._check_batched(point_coords, point_labels, boxes, mask_input)
         with self._autocast():
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=self.features,
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
+            low_res, iou = self.model.decode_prompts(
+                self.features,
                 points=points,
+                boxes=boxes,
+                masks=mask_input,
+                multimask_output=multimask_output,
             )
         low_res, iou = low_res.float(), iou.float()
         masks = self.model.postprocess_masks(low_res, self.input_size, original_size)

@@ -118,7 +118,6 @@ class _ImageSession:
         self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
         pixels = torch.as_tensor(resized, device=model.device).permute(2, 0, 1).float()
         self.embedding = model.image_encoder(model.preprocess(pixels)[None])
-        self.image_pe = model.prompt_encoder.get_dense_pe()
 
     def decode(
         self,
@@ -145,14 +144,12 @@ class _ImageSession:
         if boxes is not None:
             moved_boxes = self.transform.apply_boxes(boxes.astype(np.float64), self.original_size)
             box_tensor = torch.as_tensor(moved_boxes, dtype=torch.float32, device=device)
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=box_tensor, masks=mask_input)
-        low_res, iou_pred = self.model.mask_decoder(
-            image_embeddings=self.embedding,
-            image_pe=self.image_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
+        low_res, iou_pred = self.model.decode_prompts(
+            self.embedding,
             points=points,
+            boxes=box_tensor,
+            masks=mask_input,
+            multimask_output=multimask,
         )
         best = iou_pred.argmax(dim=1)
         chosen = low_res[torch.arange(len(best), device=device), best][:, None]

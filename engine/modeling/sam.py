@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.modeling.box_clicks import decode_box_clicks
 from engine.modeling.image_encoder import Attention as VitAttention
 from engine.modeling.image_encoder import ImageEncoderViT
 from engine.modeling.instance_embedding import CODE_STRIDE
@@ -36,6 +37,8 @@ class Sam(nn.Module):
         image_format: the channel order the model expects ("RGB").
         build_args: the variant and every argument ``build_sam`` used, so a checkpoint can
             rebuild the model; empty when the model was assembled by hand.
+        box_clicks: decode a box without clicks as the box plus virtual clicks inside it
+            (:mod:`engine.modeling.box_clicks`; ``tiny``); False decodes it as SAM does.
     """
 
     mask_threshold: float = 0.0
@@ -52,6 +55,7 @@ class Sam(nn.Module):
         pixel_mean: Sequence[float] = PIXEL_MEAN,
         pixel_std: Sequence[float] = PIXEL_STD,
         build_args: dict[str, Any] | None = None,
+        box_clicks: bool = False,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -61,6 +65,7 @@ class Sam(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.build_args: dict[str, Any] = dict(build_args or {})
+        self.box_clicks = box_clicks
 
     @property
     def img_size(self) -> int:
@@ -131,16 +136,12 @@ class Sam(nn.Module):
             points = None
             if "point_coords" in record:
                 points = (record["point_coords"], record["point_labels"])
-            sparse, dense = self.prompt_encoder(
-                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
-            )
-            low_res, iou = self.mask_decoder(
-                image_embeddings=embedding.unsqueeze(0),
-                image_pe=self.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
+            low_res, iou = self.decode_prompts(
+                embedding.unsqueeze(0),
                 points=points,
+                boxes=record.get("boxes"),
+                masks=record.get("mask_inputs"),
+                multimask_output=multimask_output,
             )
             masks = self.postprocess_masks(
                 low_res,
@@ -155,6 +156,30 @@ class Sam(nn.Module):
                 }
             )
         return outputs
+
+    def decode_prompts(
+        self,
+        image_embeddings: torch.Tensor,
+        *,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder then mask decoder for prompts on one image's embedding ``(1, C, h,
+        w)``; returns low-res logits ``(B, M, 4h, 4w)`` and predicted IoU ``(B, M)``. With
+        ``box_clicks``, boxes given alone go through :func:`decode_box_clicks`."""
+        if self.box_clicks and boxes is not None and points is None and masks is None:
+            return decode_box_clicks(self, image_embeddings, boxes, multimask_output)
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        return self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            points=points,
+        )
 
     def postprocess_masks(
         self,

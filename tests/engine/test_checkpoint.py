@@ -116,6 +116,13 @@ def test_checkpoints_from_before_click_disks_still_load(tmp_path: Path) -> None:
         assert meta.build_args["click_disks"] is disks is from_plain.mask_decoder.click_disks
 
 
+def test_checkpoints_from_before_box_clicks_decode_boxes_as_before(tmp_path: Path) -> None:
+    new = build_sam("tiny")
+    assert new.box_clicks
+    loaded, meta = load_checkpoint(_saved_without(new, "box_clicks", tmp_path / "old.pt"))
+    assert meta.build_args["box_clicks"] is False and not loaded.box_clicks
+
+
 def test_plain_state_dict_of_a_stride_4_tiny_is_inferred(tmp_path: Path) -> None:
     model = build_sam("tiny", encoder_out_stride=4)
     path = tmp_path / "plain.pth"
