@@ -107,6 +107,8 @@ class MlBackendSettings(BaseSettings):
             None disables it.
         retrain_url: URL that receives a JSON POST when retraining is asked for (e.g. a Prefect
             deployment's ``create_flow_run`` endpoint).
+        zoom_in: answer clicks on small objects again on a crop around them, re-encoded at the
+            model's input size (``engine.zoom_in``; one more encoder pass when the crop moves).
     """
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
@@ -128,6 +130,7 @@ class MlBackendSettings(BaseSettings):
     model_check_interval_s: float = Field(default=30.0, ge=0)
     retrain_every: int | None = Field(default=None, ge=1)
     retrain_url: str | None = None
+    zoom_in: bool = True
 
     @model_validator(mode="after")
     def _both_or_no_credentials(self) -> MlBackendSettings:

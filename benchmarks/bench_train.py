@@ -5,6 +5,8 @@ minutes on a 2-core CPU? Targets after 10 minutes: mIoU@1 >= 0.75 and NoC@90 <= 
 holdout scenes the model never saw (a fixed seed apart from the training stream).
 
 Training time only counts the training steps; the evaluations in between are timed separately.
+Clicks go through the zoom-in the ML backend uses (``engine.zoom_in``; ``--zoom-in 0`` turns it
+off); the final model is also scored the other way, and both are in the JSON.
 Prints one row per evaluation (minute, steps, samples/s, loss, metrics) and writes
 ``bench_train.json`` to ``--out``. Uses CUDA when available (then the targets do not apply).
 
@@ -20,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         "--scale-min", type=float, default=1.0, help="scale jitter: longest side x [min, 1]"
     )
     parser.add_argument(
+        "--zoom-in",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="evaluate with ZoomIn (1, the default; the final row is also reported without)",
+    )
+    parser.add_argument(
         "--easy-fraction",
         type=float,
         default=0.0,
@@ -117,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         no_point_rounds_for,
         train,
     )
+    from engine.zoom_in import ZoomIn
 
+    zoom_in = ZoomIn() if args.zoom_in else None
     if args.threads:
         torch.set_num_threads(args.threads)
     minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 10.0)
@@ -159,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate(log: StepLog | None, *, final: bool = False) -> None:
         t0 = time.perf_counter()
         # The per-minute rows use the first n_probe holdout images; the final row all of them.
-        metrics = evaluate_interactive(model, holdout if final else holdout[:n_probe])
+        metrics = evaluate_interactive(
+            model, holdout if final else holdout[:n_probe], zoom_in=zoom_in
+        )
         model.train()
         steps = log.step if log else 0
         train_s = log.train_s if log else 0.0
@@ -205,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     result = train(model, data, config, on_step=on_step, progress=False)
     evaluate(result.history[-1] if result.history else None, final=True)
     final = rows[-1]
+    # The same model without zoom-in: what the decoder does on whole images alone.
+    other = evaluate_interactive(model, holdout, zoom_in=None if zoom_in else ZoomIn())
+    print(
+        f"final {'without' if zoom_in else 'with'} zoom-in: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in other.to_dict().items() if isinstance(v, float)),
+        flush=True,
+    )
     passed = {
         k: (final[k] >= v if k.startswith("miou") else final[k] <= v) for k, v in TARGETS.items()
     }
@@ -230,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         "final": {
             k: final[k] for k in ("miou_1click", "miou_5click", "noc85", "noc90", "box_miou")
         },
+        "zoom_in": asdict(zoom_in) if zoom_in else None,
+        "final_other_zoom": other.to_dict(),
         "targets": TARGETS,
         "targets_met": passed,
     }

@@ -45,6 +45,7 @@ from annotation_ui.ml_backend.metrics import Metrics
 from annotation_ui.ml_backend.models import ModelHolder, ModelSource, NoModelError
 from annotation_ui.ml_backend.predict import BatchOptions, batch_prediction, interactive_prediction
 from annotation_ui.ml_backend.responses import PredictionResponse
+from engine.zoom_in import DEFAULT_ZOOM_IN, ZoomIn
 from storage.errors import ConfigError, DataEngineError, InvalidInputError, NotFoundError
 from storage.mask_store import MaskStore
 
@@ -69,6 +70,7 @@ class BackendOptions:
     batch: BatchOptions = field(default_factory=BatchOptions)
     retrain_every: int | None = None
     preload: bool = True
+    zoom_in: ZoomIn | None = DEFAULT_ZOOM_IN
 
 
 class PredictRequest(BaseModel):
@@ -144,6 +146,7 @@ def create_app(
         store=store,
         cache_items=options.cache_items,
         check_interval_s=options.model_check_interval_s,
+        zoom_in=options.zoom_in,
     )
     state = _State(holder, store, options, on_retrain)
 

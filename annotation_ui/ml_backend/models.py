@@ -15,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
+from engine.zoom_in import ZoomIn
 from storage.errors import NotFoundError
 
 if TYPE_CHECKING:
@@ -91,14 +94,24 @@ class RegistryModelSource:
 class LoadedModel:
     """A loaded version: its predictor, embedding cache and (lazily) automatic generator.
 
-    ``lock`` serialises use of the predictor, which holds one image at a time.
+    ``lock`` serialises use of the predictor, which holds one image at a time. ``zoom_in``
+    (None: off) is the crop rule clicks are answered with; the pixels of the last image clicked
+    are kept for it.
     """
 
     version: str
     predictor: SamPredictor
     cache: EmbeddingCache
     lock: threading.Lock = field(default_factory=threading.Lock)
+    zoom_in: ZoomIn | None = None
     _generators: dict[tuple[Any, ...], AutomaticMaskGenerator] = field(default_factory=dict)
+    _pixels: tuple[str, np.ndarray] | None = None
+
+    def pixels(self, image_id: str, load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The pixels of ``image_id`` (``load``-ed once while the annotator stays on it)."""
+        if self._pixels is None or self._pixels[0] != image_id:
+            self._pixels = (image_id, load())
+        return self._pixels[1]
 
     def generator(self, **options: Any) -> AutomaticMaskGenerator:
         """An automatic mask generator on this model with ``options`` (kept for reuse)."""
@@ -119,6 +132,7 @@ class ModelHolder:
         cache_items: embeddings kept in memory per version.
         check_interval_s: seconds between asking ``source`` for its current version.
         clock: monotonic seconds (tests pass their own).
+        zoom_in: the crop rule clicks are answered with (``engine.zoom_in``; None: off).
     """
 
     def __init__(
@@ -129,6 +143,7 @@ class ModelHolder:
         cache_items: int = 64,
         check_interval_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        zoom_in: ZoomIn | None = None,
     ) -> None:
         self.source = source
         self.store = store
@@ -139,6 +154,7 @@ class ModelHolder:
         self._checked_at: float | None = None
         self._swap_lock = threading.Lock()
         self.swaps = 0
+        self.zoom_in = zoom_in
 
     @property
     def version(self) -> str | None:
@@ -183,4 +199,5 @@ class ModelHolder:
             version=version,
             predictor=SamPredictor(model),
             cache=EmbeddingCache(version, max_items=self.cache_items, store=self.store),
+            zoom_in=self.zoom_in,
         )

@@ -1,9 +1,10 @@
 """What the ML backend answers: masks for Label Studio tasks, as brush regions.
 
 - Interactive (the annotator clicked or drew a box; Label Studio sends a ``context``): the prompts
-  go to SAM's predictor on the image's cached embedding. One click is ambiguous, so SAM's three
-  masks are made and the one with the highest predicted IoU is returned (SAM paper, section 3);
-  with several prompts the single-mask output is used.
+  go to SAM's predictor on the image's cached embedding, then, for a small object, again on a
+  crop around it (zoom-in, ``engine.zoom_in``; ``MlBackendSettings.zoom_in``). One click is
+  ambiguous, so SAM's three masks are made and the one with the highest predicted IoU is
+  returned (SAM paper, section 3); with several prompts the single-mask output is used.
 - Batch (no context: Label Studio asks for pre-annotations of whole tasks): the automatic mask
   generator with a high confidence gate, the stage-2 pre-fill (SAM paper, section 4).
 
@@ -78,7 +79,13 @@ def interactive_prediction(
         model.cache.get_or_compute(
             image.image_id, lambda: _pixels(store, image.image_id), model.predictor
         )
-        masks, scores, _ = model.predictor.predict(
+        predictor: Any = model.predictor
+        if model.zoom_in is not None:
+            from engine.zoom_predictor import ZoomInPredictor
+
+            pixels = model.pixels(image.image_id, lambda: _pixels(store, image.image_id))
+            predictor = ZoomInPredictor(model.predictor, pixels, model.zoom_in)
+        masks, scores, _ = predictor.predict(
             point_coords=prompts.point_coords if len(prompts.point_labels) else None,
             point_labels=prompts.point_labels if len(prompts.point_labels) else None,
             box=prompts.box,

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from annotation_ui.ml_backend.app import BackendOptions, create_app
 from annotation_ui.ml_backend.models import RegistryModelSource
 from annotation_ui.settings import MlBackendSettings
+from engine.zoom_in import DEFAULT_ZOOM_IN
 
 __all__ = ["build_app", "retrain_poster", "running", "serve"]
 
@@ -31,6 +32,7 @@ def build_app(settings: MlBackendSettings) -> FastAPI:
         cache_items=settings.embedding_cache_items,
         model_check_interval_s=settings.model_check_interval_s,
         retrain_every=settings.retrain_every,
+        zoom_in=DEFAULT_ZOOM_IN if settings.zoom_in else None,
     )
     on_retrain = retrain_poster(settings.retrain_url) if settings.retrain_url else None
     return create_app(

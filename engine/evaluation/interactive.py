@@ -13,6 +13,11 @@ mask decoder together, one batch per click round. Per object:
 - separately, the tight ground-truth box (XYXY, inclusive pixel ends) is the only prompt for the
   box-prompt IoU.
 
+With a :class:`~engine.zoom_in.ZoomIn` (the default, as RITM evaluates) every answer after the
+whole image's first one is decoded again on a crop around the object, re-encoded at the model's
+input size, whenever the object is small enough (see :mod:`engine.zoom_in`); objects then go one
+by one. ``zoom_in=None`` decodes the whole image only, all objects of an image in one batch.
+
 IoUs are measured at the original image resolution.
 """
 
@@ -28,6 +33,9 @@ from tqdm import tqdm
 
 from engine.evaluation.clicks import Click, next_click
 from engine.evaluation.metrics import InteractiveMetrics, mask_iou, summarize
+from engine.predictor import SamPredictor
+from engine.zoom_in import DEFAULT_ZOOM_IN, ZoomIn
+from engine.zoom_predictor import ZoomInPredictor
 
 if TYPE_CHECKING:
     from engine.modeling.sam import Sam
@@ -68,6 +76,7 @@ def evaluate_interactive(
     max_clicks: int = 20,
     max_batch: int = 64,
     progress: bool = False,
+    zoom_in: ZoomIn | None = DEFAULT_ZOOM_IN,
 ) -> InteractiveMetrics:
     """Interactive metrics of ``model`` (a ``Sam``) over ``samples``.
 
@@ -77,6 +86,7 @@ def evaluate_interactive(
         max_clicks: the click budget per object (the NoC cap).
         max_batch: most objects decoded in one batch.
         progress: show a tqdm bar over images.
+        zoom_in: when and how to decode small objects again on a crop (None: never).
 
     Raises:
         ValueError: when no sample holds a non-empty mask.
@@ -93,10 +103,18 @@ def evaluate_interactive(
             if len(masks) == 0:
                 continue
             session = _ImageSession(model, sample.image)
+            zooming = None
+            if zoom_in is not None:
+                whole = SamPredictor(model)
+                whole.set_embedding(session.embedding, session.original_size)
+                zooming = ZoomInPredictor(whole, np.asarray(sample.image), zoom_in)
             for start in range(0, len(masks), max_batch):
                 chunk = masks[start : start + max_batch]
-                curves.extend(_click_curves(session, chunk, max_clicks))
-                box_ious.extend(_box_ious(session, chunk))
+                if zooming is None:
+                    curves.extend(_click_curves(session, chunk, max_clicks))
+                else:
+                    curves.extend(_zoom_curve(zooming, mask, max_clicks) for mask in chunk)
+                box_ious.extend(_box_ious(session, chunk, zooming))
             images += 1
     finally:
         model.train(was_training)
@@ -193,6 +211,40 @@ def _click_curves(session: _ImageSession, masks: np.ndarray, max_clicks: int) ->
     return curves
 
 
-def _box_ious(session: _ImageSession, masks: np.ndarray) -> list[float]:
-    pred, _ = session.decode(None, None, mask_boxes_xyxy(masks), None, multimask=False)
-    return [mask_iou(p, m) for p, m in zip(pred, masks, strict=True)]
+def _zoom_curve(predictor: ZoomInPredictor, mask: np.ndarray, max_clicks: int) -> list[float]:
+    """IoU after each click for one object, through the zoom-in predictor the tools use."""
+    clicks: list[Click] = []
+    curve: list[float] = []
+    pred: np.ndarray | None = None
+    low: np.ndarray | None = None
+    for k in range(max_clicks):
+        click = next_click(pred, mask)
+        if click is None:
+            break
+        clicks.append(click)
+        masks, scores, low_res = predictor.predict(
+            point_coords=np.array([(c.x, c.y) for c in clicks], dtype=np.float64),
+            point_labels=np.array([int(c.positive) for c in clicks], dtype=np.int64),
+            mask_input=low,
+            multimask_output=k == 0,
+        )
+        best = int(np.argmax(scores))
+        pred, low = masks[best], low_res[best : best + 1]
+        curve.append(mask_iou(pred, mask))
+        if k + 1 >= _MIOU_CLICKS and curve[-1] >= _TOP_THRESHOLD:
+            break
+    return curve
+
+
+def _box_ious(
+    session: _ImageSession, masks: np.ndarray, predictor: ZoomInPredictor | None
+) -> list[float]:
+    boxes = mask_boxes_xyxy(masks)
+    if predictor is None:
+        pred, _ = session.decode(None, None, boxes, None, multimask=False)
+        return [mask_iou(p, m) for p, m in zip(pred, masks, strict=True)]
+    ious = []
+    for box, mask in zip(boxes, masks, strict=True):
+        answer, _, _ = predictor.predict(box=box, multimask_output=False)
+        ious.append(mask_iou(answer[0], mask))
+    return ious

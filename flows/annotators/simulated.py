@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.zoom_in import DEFAULT_ZOOM_IN, ZoomIn
 from flows.annotators.base import Annotator
 from storage import rle as rle_codec
 from storage.mask_store import MaskRecord, make_mask_id
@@ -195,6 +196,8 @@ class SimulatedAnnotator(Annotator):
             this (stage 2 adds what is missing until ``image_budget_s``).
         name: stored in each mask's ``annotator`` column.
         cache_embeddings: keep image embeddings in the store, keyed by model version.
+        zoom_in: the tool's zoom-in on small objects (:mod:`engine.zoom_in`, as the ML
+            backend's); None clicks on the whole image only.
     """
 
     def __init__(
@@ -210,6 +213,7 @@ class SimulatedAnnotator(Annotator):
         fix_iou: float = 0.5,
         name: str = "simulated",
         cache_embeddings: bool = True,
+        zoom_in: ZoomIn | None = DEFAULT_ZOOM_IN,
     ) -> None:
         if not 0.0 < iou_target <= 1.0:
             raise ValueError(f"iou_target={iou_target}; expected a value in (0, 1]")
@@ -227,6 +231,7 @@ class SimulatedAnnotator(Annotator):
         self.fix_iou = float(fix_iou)
         self.name = name
         self.cache_embeddings = cache_embeddings
+        self.zoom_in = zoom_in
 
     def annotate(
         self,
@@ -241,6 +246,7 @@ class SimulatedAnnotator(Annotator):
     ) -> list[MaskRecord]:
         """See :meth:`Annotator.annotate`."""
         from engine import EmbeddingCache, SamPredictor
+        from engine.zoom_predictor import ZoomInPredictor
 
         predictor = SamPredictor(model)  # type: ignore[arg-type]  # any Sam-like module
         # Embeddings persist in the store per (image, model version): a rerun of the round
@@ -248,12 +254,15 @@ class SimulatedAnnotator(Annotator):
         cache = EmbeddingCache(model_version, store=self.store if self.cache_embeddings else None)
         records: list[MaskRecord] = []
         for image in images:
-            cache.get_or_compute(
-                image.image_id, partial(_writable_image, self.store, image.image_id), predictor
-            )
+            pixels = partial(_writable_image, self.store, image.image_id)
+            cache.get_or_compute(image.image_id, pixels, predictor)
+            # The person clicks in the same tool as the ML backend's: zoom-in on small objects.
+            tool: Any = predictor
+            if self.zoom_in is not None:
+                tool = ZoomInPredictor(predictor, pixels(), self.zoom_in)
             context = _RoundContext(stage, round, run_id, model_version, image.image_id)
             preds = list((predictions or {}).get(image.image_id, ()))
-            records.extend(self._annotate_image(predictor, context, preds))
+            records.extend(self._annotate_image(tool, context, preds))
             predictor.reset_image()
         return records
 

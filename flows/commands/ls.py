@@ -185,6 +185,13 @@ def ml_backend(
     retrain_url: Annotated[
         str | None, typer.Option("--retrain-url", help="URL to POST retrain requests to.")
     ] = None,
+    zoom_in: Annotated[
+        bool | None,
+        typer.Option(
+            "--zoom-in/--no-zoom-in",
+            help="Answer clicks on small objects again on a crop around them (default: on).",
+        ),
+    ] = None,
     endpoint_url: Annotated[str | None, _ENDPOINT] = None,
 ) -> None:
     """Serve the Label Studio ML backend (basic auth from BASIC_AUTH_USER / BASIC_AUTH_PASS)."""
@@ -200,6 +207,7 @@ def ml_backend(
         embedding_cache_items=cache_items,
         retrain_every=retrain_every,
         retrain_url=retrain_url,
+        zoom_in=zoom_in,
         endpoint_url=endpoint_url,
     )
     serve(settings)

@@ -224,6 +224,13 @@ def eval_(
     ] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="At most N images.")] = None,
     max_clicks: Annotated[int, typer.Option("--max-clicks", help="NoC cap.")] = 20,
+    zoom_in: Annotated[
+        bool,
+        typer.Option(
+            "--zoom-in/--no-zoom-in",
+            help="Answer small objects again on a crop around them, as the ML backend does.",
+        ),
+    ] = True,
     endpoint_url: Annotated[str | None, _ENDPOINT] = None,
 ) -> None:
     """Interactive metrics of a model on the store's holdout or on a COCO file."""
@@ -242,7 +249,7 @@ def eval_(
         if store is not None
         else coco_holdout(str(images), str(coco), limit=limit)
     )
-    metrics = _evaluate(sam, samples, max_clicks=max_clicks)
+    metrics = _evaluate(sam, samples, max_clicks=max_clicks, zoom_in=zoom_in)
     typer.echo(_table(metrics, None, None))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -304,10 +311,19 @@ def _store_samples(store: Any, limit: int | None) -> Any:
     return store_holdout(store, limit=limit)
 
 
-def _evaluate(model: Any, samples: Any, *, max_clicks: int = 20) -> InteractiveMetrics:
+def _evaluate(
+    model: Any, samples: Any, *, max_clicks: int = 20, zoom_in: bool = True
+) -> InteractiveMetrics:
     from engine.evaluation import evaluate_interactive
+    from engine.zoom_in import DEFAULT_ZOOM_IN
 
-    return evaluate_interactive(model, samples, max_clicks=max_clicks, progress=True)
+    return evaluate_interactive(
+        model,
+        samples,
+        max_clicks=max_clicks,
+        progress=True,
+        zoom_in=DEFAULT_ZOOM_IN if zoom_in else None,
+    )
 
 
 def _table(

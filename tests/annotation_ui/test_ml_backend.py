@@ -24,6 +24,8 @@ from annotation_ui.ml_backend import (
     running,
 )
 from engine.predictor import SamPredictor
+from engine.zoom_in import DEFAULT_ZOOM_IN, ZoomIn
+from engine.zoom_predictor import ZoomInPredictor
 from storage import rle
 from storage.mask_store import ImageRecord, MaskStore
 from tests.annotation_ui.conftest import (
@@ -116,12 +118,16 @@ def test_setup_rejects_a_config_without_brush(
     assert answer.status_code == 400 and "BrushLabels" in answer.json()["error"]
 
 
+@pytest.mark.parametrize("zoom_in", [DEFAULT_ZOOM_IN, None], ids=["zoom-in", "whole-image"])
 def test_a_click_returns_the_predictors_best_mask_as_a_brush_region(
-    tiny_model: Any, store_with_images: tuple[MaskStore, list[ImageRecord]]
+    tiny_model: Any,
+    store_with_images: tuple[MaskStore, list[ImageRecord]],
+    zoom_in: ZoomIn | None,
 ) -> None:
     store, images = store_with_images
     image = images[0]
-    app = create_app(StaticModelSource(tiny_model, "tiny-a"), store)
+    options = BackendOptions(zoom_in=zoom_in)
+    app = create_app(StaticModelSource(tiny_model, "tiny-a"), store, options=options)
     with TestClient(app) as client:
         answer = client.post("/predict", json=predict_body(image, {"result": [click(50, 25)]}))
         assert answer.status_code == 200, answer.text
@@ -136,9 +142,13 @@ def test_a_click_returns_the_predictors_best_mask_as_a_brush_region(
         assert region["value"]["brushlabels"] == ["object"]
         assert prediction["model_version"] == "tiny-a"
         got = rle.decode([rle.from_brush(region["value"]["rle"], image.height, image.width)])[0]
-        # The same prompt straight through SAM's predictor: one click -> 3 masks, best IoU wins.
-        predictor = SamPredictor(tiny_model)
-        predictor.set_image(np.array(store.load_image(image.image_id)))
+        # The same prompt straight through SAM's predictor (zoomed in, or not): one click -> 3
+        # masks, best IoU wins.
+        pixels = np.array(store.load_image(image.image_id))
+        predictor: Any = SamPredictor(tiny_model)
+        predictor.set_image(pixels)
+        if zoom_in is not None:
+            predictor = ZoomInPredictor(predictor, pixels, zoom_in)
         masks, scores, _ = predictor.predict(
             point_coords=np.array([[image.width * 0.5, image.height * 0.25]]),
             point_labels=np.array([1]),

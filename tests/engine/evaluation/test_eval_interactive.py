@@ -18,6 +18,7 @@ from engine.evaluation import (
 )
 from engine.evaluation.interactive import EvalSample
 from engine.synthetic import write_synthetic_dataset
+from engine.zoom_in import ZoomIn
 from storage.errors import InvalidInputError, NotFoundError
 from storage.mask_store import MaskStore
 
@@ -81,3 +82,52 @@ def test_store_holdout_yields_holdout_images_only(synthetic_store: MaskStore) ->
     holdout = {r.image_id for r in synthetic_store.images(split="holdout")}
     assert {s.image_id for s in samples} == holdout
     assert all(isinstance(s, EvalSample) and s.masks.shape[0] > 0 for s in samples)
+
+
+def _fixture_samples(n: int) -> list[EvalSample]:
+    from engine.synthetic import generate_scene, scene_rng
+    from tests.fixtures.models import FIXTURE_SCENES
+
+    samples = []
+    for i in range(n):
+        scene = generate_scene(scene_rng(4343, i), (256, 256), **FIXTURE_SCENES)
+        samples.append(EvalSample(image=scene.image, masks=scene.masks, image_id=f"s{i}"))
+    return samples
+
+
+def test_zoom_in_that_never_crops_matches_the_whole_image_run(
+    trained_tiny_checkpoint: str,
+) -> None:
+    model = build_sam("tiny", checkpoint=trained_tiny_checkpoint)
+    samples = _fixture_samples(2)
+    batched = evaluate_interactive(model, samples, max_clicks=6, zoom_in=None)
+    # Every crop would cover 3/4 of the image: one object at a time, on the whole image.
+    never = ZoomIn(min_fraction=0.75, max_fraction=0.75)
+    one_by_one = evaluate_interactive(model, samples, max_clicks=6, zoom_in=never)
+    for key, value in batched.to_dict().items():
+        assert one_by_one.to_dict()[key] == pytest.approx(value, abs=0.01), key
+
+
+def test_zoom_in_encodes_a_crop_for_a_small_object_and_not_for_a_large_one(
+    trained_tiny_checkpoint: str,
+) -> None:
+    model = build_sam("tiny", checkpoint=trained_tiny_checkpoint)
+    (scene,) = _fixture_samples(1)
+    small = np.zeros((1, 256, 256), dtype=bool)
+    small[0, 100:112, 60:74] = True
+    large = np.zeros((1, 256, 256), dtype=bool)
+    large[0, 10:240, 20:250] = True
+    encoded: list[tuple[int, ...]] = []
+    hook = model.image_encoder.register_forward_hook(
+        lambda _m, args, _out: encoded.append(tuple(args[0].shape))
+    )
+    try:
+        evaluate_interactive(model, [EvalSample(scene.image, large)], max_clicks=3)
+        assert len(encoded) == 1  # the whole image only
+        metrics = evaluate_interactive(model, [EvalSample(scene.image, small)], max_clicks=3)
+    finally:
+        hook.remove()
+    # The whole image, then at least one crop (the box's is certain: a 14x12 box is far under
+    # 3/4 of the image), resized to the model's full input.
+    assert len(encoded) >= 1 + 2 and set(encoded) == {(1, 3, 256, 256)}
+    assert metrics.objects == 1
