@@ -108,7 +108,7 @@ class MlBackendSettings(BaseSettings):
         retrain_url: URL that receives a JSON POST when retraining is asked for (e.g. a Prefect
             deployment's ``create_flow_run`` endpoint).
         zoom_in: answer clicks on small objects again on a crop around them, re-encoded at the
-            model's input size (``engine.zoom_in``; one more encoder pass when the crop moves).
+            model's input size (``engine.zoom_in``; one crop encode per request).
     """
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
